@@ -1,0 +1,622 @@
+//! Configuration: one TOML file, deserialized strictly (unknown keys are errors) and then validated
+//! so that every error names its key and says what is wrong.
+//!
+//! The section and key names of DESIGN.md §7 are a public contract: extend, never rename.
+//! Relative paths are resolved against the working directory, as the shipped config expects when
+//! started from the repository root.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::secret::Secret;
+use crate::Protocol;
+
+/// A configuration problem, naming the key.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub tls: Option<TlsConfig>,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    pub backend: BackendConfig,
+    pub master: MasterConfig,
+    pub authenticator: AuthenticatorConfig,
+    #[serde(default)]
+    pub guard: GuardConfig,
+    pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Name used in greetings.
+    pub hostname: String,
+    /// How long SIGTERM waits for spliced sessions before closing them.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            hostname: "localhost".into(),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM chain served when no SNI name matches (or the client sent none).
+    pub default_cert: PathBuf,
+    pub default_key: PathBuf,
+    /// Further certificates chosen by SNI.
+    #[serde(default, rename = "certificate")]
+    pub certificates: Vec<SniCertificate>,
+    /// Refuse handshakes whose SNI matches no configured name (instead of using the default).
+    #[serde(default)]
+    pub strict_sni: bool,
+    /// One deadline across the whole handshake (SECURITY.md: 10 s).
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniCertificate {
+    /// DNS names (exact, or `*.example.org` for one label).
+    pub names: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// How the client leg of a listener is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerTls {
+    /// TLS from the first byte (993, 995, 465, 443).
+    Implicit,
+    /// Cleartext greeting, then STARTTLS/STLS (143, 110, 587, 4190).
+    Starttls,
+    /// No TLS at all: only for tests on loopback.
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub protocol: Protocol,
+    pub bind: Vec<SocketAddr>,
+    pub tls: ListenerTls,
+    /// ALPN ids accepted; defaults to the protocol's registered id.
+    pub alpn: Option<Vec<String>>,
+    /// Accept plaintext credentials on a cleartext connection. Only for loopback test listeners.
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
+}
+
+/// How Portcullis reaches one backend service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendTls {
+    None,
+    Starttls,
+    Implicit,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendService {
+    pub port: u16,
+    pub tls: BackendTls,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    V2,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub host: String,
+    pub imap: Option<BackendService>,
+    pub pop3: Option<BackendService>,
+    pub submission: Option<BackendService>,
+    pub managesieve: Option<BackendService>,
+    pub http: Option<BackendService>,
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocol,
+    /// CA bundle for verifying the backend's certificate (default: the system's web PKI roots).
+    pub tls_ca_file: Option<PathBuf>,
+    /// Name to verify the backend's certificate against (default: `host`).
+    pub tls_server_name: Option<String>,
+    #[serde(default = "default_backend_connect", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_backend_login", with = "humantime_serde")]
+    pub login_timeout: Duration,
+}
+
+fn default_backend_connect() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_backend_login() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl BackendConfig {
+    /// The service for `protocol`, if configured.
+    pub fn service(&self, protocol: Protocol) -> Option<BackendService> {
+        match protocol {
+            Protocol::Imap => self.imap,
+            Protocol::Pop3 => self.pop3,
+            Protocol::Submission => self.submission,
+            Protocol::ManageSieve => self.managesieve,
+            Protocol::Http => self.http,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasterConfig {
+    /// The master account Portcullis logs in as (`<user>%<master>`).
+    pub user: String,
+    /// File holding the master secret (one line; trailing newline ignored).
+    pub secret_file: Option<PathBuf>,
+    /// Environment variable holding the master secret (used when `secret_file` is unset).
+    pub secret_env: Option<String>,
+    #[serde(default = "default_separator")]
+    pub separator: String,
+}
+
+fn default_separator() -> String {
+    "%".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthenticatorKind {
+    File,
+    Nginx,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthenticatorConfig {
+    pub kind: AuthenticatorKind,
+    /// `file`: the users file.
+    pub users_file: Option<PathBuf>,
+    /// `nginx` / `json`: the endpoint (`http://` or `https://`).
+    pub url: Option<String>,
+    /// Deadline for one decision, including the wait for a concurrency permit.
+    #[serde(default = "default_auth_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Decisions in flight at once; further logins wait (within `timeout`).
+    #[serde(default = "default_auth_concurrency")]
+    pub max_concurrency: usize,
+    /// `nginx` / `json`: reuse connections to the authenticator when it allows.
+    #[serde(default = "default_true")]
+    pub keepalive: bool,
+    /// `nginx` / `json`: static headers added to every request (e.g. a shared secret).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// `nginx` / `json` over https: CA bundle to verify the authenticator (default: web PKI roots).
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+fn default_auth_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_auth_concurrency() -> usize {
+    64
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GuardStore {
+    #[default]
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    pub store: GuardStore,
+    pub redis_url: Option<String>,
+    /// Every failed login is answered after this delay (plus up to `failure_jitter`), whatever
+    /// the cause, so that causes cannot be told apart by timing.
+    #[serde(with = "humantime_serde")]
+    pub failure_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub failure_jitter: Duration,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            store: GuardStore::Memory,
+            redis_url: None,
+            failure_delay: Duration::from_millis(1000),
+            failure_jitter: Duration::from_millis(200),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+}
+
+/// Per-connection bounds (SECURITY.md "Bounded resources before login").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Longest IMAP command line before login.
+    pub imap_line_max: u32,
+    /// Largest literal accepted before login (LOGIN arguments).
+    pub imap_literal_max: u32,
+    /// All literal bytes before login, together.
+    pub imap_preauth_literal_total: u32,
+    /// Failed authentications per connection before the goodbye.
+    pub max_auth_failures: u32,
+    /// Protocol errors per connection before the goodbye.
+    pub max_protocol_errors: u32,
+    /// Idle time allowed before login.
+    #[serde(with = "humantime_serde")]
+    pub preauth_idle: Duration,
+    /// Absolute time allowed from accept to login (slowloris).
+    #[serde(with = "humantime_serde")]
+    pub preauth_deadline: Duration,
+    /// Idle time allowed after login (both directions silent). IMAP IDLE re-issues every ~29 min.
+    #[serde(with = "humantime_serde")]
+    pub session_idle: Duration,
+    /// Connections open at once across all listeners; over it, closed without a greeting.
+    pub max_connections: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            imap_line_max: 8 * 1024,
+            imap_literal_max: 1024,
+            imap_preauth_literal_total: 8 * 1024,
+            max_auth_failures: 3,
+            max_protocol_errors: 3,
+            preauth_idle: Duration::from_secs(30),
+            preauth_deadline: Duration::from_secs(60),
+            session_idle: Duration::from_secs(35 * 60),
+            max_connections: 20_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `portcullis=debug`); `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file or key.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates TOML text.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the key.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what the types alone cannot.
+    ///
+    /// # Errors
+    /// The first problem found, naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listeners.is_empty() {
+            return Err(invalid("listener", "at least one [[listener]] is required"));
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let key = |k: &str| format!("listener[{i}].{k}");
+            if l.bind.is_empty() {
+                return Err(invalid(key("bind"), "needs at least one address"));
+            }
+            if l.tls != ListenerTls::None && self.tls.is_none() {
+                return Err(invalid(
+                    key("tls"),
+                    "a TLS listener needs [tls] default_cert and default_key",
+                ));
+            }
+            if l.tls == ListenerTls::None && l.bind.iter().any(|a| !a.ip().is_loopback()) {
+                return Err(invalid(
+                    key("tls"),
+                    "tls = \"none\" is only allowed on loopback addresses",
+                ));
+            }
+            if l.allow_plaintext_auth && l.bind.iter().any(|a| !a.ip().is_loopback()) {
+                return Err(invalid(
+                    key("allow_plaintext_auth"),
+                    "only allowed on loopback addresses",
+                ));
+            }
+            if l.protocol == Protocol::Http && l.tls == ListenerTls::Starttls {
+                return Err(invalid(key("tls"), "http has no STARTTLS"));
+            }
+            if !matches!(l.protocol, Protocol::Imap) {
+                return Err(invalid(
+                    key("protocol"),
+                    format!("{} is not implemented yet", l.protocol.label()),
+                ));
+            }
+            if self.backend.service(l.protocol).is_none() {
+                return Err(invalid(
+                    format!("backend.{}", l.protocol.label()),
+                    format!(
+                        "listener[{i}] serves {} but no backend is configured for it",
+                        l.protocol.label()
+                    ),
+                ));
+            }
+        }
+        if self.backend.host.is_empty() {
+            return Err(invalid("backend.host", "must not be empty"));
+        }
+        let rules = crate::identity::IdentityRules::default();
+        if rules.validate(self.master.user.as_bytes()).is_err() && self.master.user.contains(' ') {
+            return Err(invalid("master.user", "must not contain spaces"));
+        }
+        if self.master.user.is_empty() {
+            return Err(invalid("master.user", "must not be empty"));
+        }
+        if self.master.separator.is_empty() || self.master.separator.len() > 4 {
+            return Err(invalid("master.separator", "must be 1 to 4 characters"));
+        }
+        if self.master.secret_file.is_none() && self.master.secret_env.is_none() {
+            return Err(invalid(
+                "master.secret_file",
+                "set secret_file or secret_env (the secret never goes in this file)",
+            ));
+        }
+        match self.authenticator.kind {
+            AuthenticatorKind::File if self.authenticator.users_file.is_none() => {
+                return Err(invalid(
+                    "authenticator.users_file",
+                    "required for kind = \"file\"",
+                ));
+            }
+            AuthenticatorKind::Nginx | AuthenticatorKind::Json => {
+                let Some(url) = &self.authenticator.url else {
+                    return Err(invalid("authenticator.url", "required for this kind"));
+                };
+                if let Err(e) = crate::authn::http::Endpoint::parse(url) {
+                    return Err(invalid("authenticator.url", e.to_string()));
+                }
+            }
+            AuthenticatorKind::File => {}
+        }
+        if self.authenticator.timeout.is_zero() {
+            return Err(invalid(
+                "authenticator.timeout",
+                "must be greater than zero",
+            ));
+        }
+        if self.guard.store == GuardStore::Redis && self.guard.redis_url.is_none() {
+            return Err(invalid("guard.redis_url", "required for store = \"redis\""));
+        }
+        let l = &self.limits;
+        if l.imap_line_max < 512 {
+            return Err(invalid("limits.imap_line_max", "must be at least 512"));
+        }
+        if l.imap_literal_max > l.imap_preauth_literal_total {
+            return Err(invalid(
+                "limits.imap_literal_max",
+                "must not exceed limits.imap_preauth_literal_total",
+            ));
+        }
+        if l.max_auth_failures == 0 || l.max_protocol_errors == 0 {
+            return Err(invalid("limits.max_auth_failures", "must be at least 1"));
+        }
+        if l.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Loads the master secret from its file or environment variable.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming `master.secret_file` or `master.secret_env`.
+    pub fn master_secret(&self) -> Result<Secret, ConfigError> {
+        let raw = if let Some(path) = &self.master.secret_file {
+            warn_if_readable_by_others(path);
+            std::fs::read(path).map_err(|e| {
+                invalid(
+                    "master.secret_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?
+        } else if let Some(var) = &self.master.secret_env {
+            std::env::var(var)
+                .map_err(|_| invalid("master.secret_env", format!("variable {var} is not set")))?
+                .into_bytes()
+        } else {
+            return Err(invalid("master.secret_file", "not set"));
+        };
+        let mut secret = raw;
+        while matches!(secret.last(), Some(b'\n' | b'\r')) {
+            secret.pop();
+        }
+        if secret.is_empty() {
+            return Err(invalid("master.secret_file", "the master secret is empty"));
+        }
+        if secret.iter().any(|&b| b < 0x20 || b == 0x7f) {
+            return Err(invalid(
+                "master.secret_file",
+                "the master secret contains control bytes",
+            ));
+        }
+        Ok(Secret::new(secret))
+    }
+}
+
+#[cfg(unix)]
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), "master secret file is readable by group or others; chmod 600 it");
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_readable_by_others(_path: &Path) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[listener]]
+protocol = "imap"
+bind = ["127.0.0.1:10143"]
+tls = "none"
+
+[backend]
+host = "127.0.0.1"
+imap = { port = 143, tls = "none" }
+
+[master]
+user = "proxy"
+secret_env = "PORTCULLIS_TEST_SECRET"
+
+[authenticator]
+kind = "file"
+users_file = "config/users.toml"
+"#;
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_config_parses_with_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.limits.imap_line_max, 8192);
+        assert_eq!(c.master.separator, "%");
+        assert_eq!(c.authenticator.timeout, Duration::from_secs(3));
+        assert_eq!(c.guard.store, GuardStore::Memory);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err(&MINIMAL.replace("[backend]", "[backend]\nbogus = 1"));
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_their_key() {
+        let e = err(&MINIMAL.replace("127.0.0.1:10143", "0.0.0.0:10143"));
+        assert!(e.starts_with("listener[0].tls:"), "{e}");
+        let e = err(&MINIMAL.replace("users_file = \"config/users.toml\"", ""));
+        assert!(e.starts_with("authenticator.users_file:"), "{e}");
+        let e = err(&MINIMAL.replace("imap = { port = 143, tls = \"none\" }", ""));
+        assert!(e.starts_with("backend.imap:"), "{e}");
+        let e = err(&MINIMAL.replace("tls = \"none\"\n", "tls = \"implicit\"\n"));
+        assert!(e.starts_with("listener[0].tls:"), "{e}");
+        let e = err(&MINIMAL.replace("kind = \"file\"", "kind = \"nginx\"\nurl = \"ftp://x\""));
+        assert!(e.starts_with("authenticator.url:"), "{e}");
+    }
+
+    #[test]
+    fn durations_are_human() {
+        let c = Config::parse(&format!("{MINIMAL}\n[limits]\npreauth_idle = \"5s\"\n")).unwrap();
+        assert_eq!(c.limits.preauth_idle, Duration::from_secs(5));
+        let e = err(&format!("{MINIMAL}\n[limits]\npreauth_idle = \"soon\"\n"));
+        assert!(e.contains("preauth_idle"), "{e}");
+    }
+
+    #[test]
+    fn master_secret_from_env_strips_newline() {
+        std::env::set_var("PORTCULLIS_TEST_SECRET", "s3cret\n");
+        let c = Config::parse(MINIMAL).unwrap();
+        assert!(c.master_secret().unwrap().ct_eq(b"s3cret"));
+    }
+}

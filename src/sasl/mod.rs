@@ -1,0 +1,340 @@
+//! SASL as the client side of every protocol speaks it, decoded into [`Credentials`].
+//!
+//! Pure and shared: IMAP, POP3, SMTP and ManageSieve feed the same exchange with the bytes
+//! their framing delivered (already base64-decoded where the protocol does that). Unlike a
+//! migration router, a chokepoint refuses every ambiguity: an authorization identity that differs
+//! from the authentication identity, extra NUL fields, empty fields, malformed base64.
+//!
+//! New mechanisms (XOAUTH2, OAUTHBEARER) add a [`Mechanism`] variant and a state; the protocol
+//! drivers only ever see [`Step`].
+
+use base64::Engine as _;
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+use crate::identity::{IdentityError, IdentityRules};
+use crate::secret::Secret;
+
+mod plain;
+
+pub use plain::parse_plain;
+
+/// Largest decoded SASL payload accepted (SECURITY.md: SASL buffer 8 KiB).
+pub const MAX_SASL_LEN: usize = 8 * 1024;
+
+/// The mechanisms offered to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mechanism {
+    /// RFC 4616 PLAIN.
+    Plain,
+    /// The LOGIN mechanism (two prompts), also used for IMAP's LOGIN command and POP3 USER/PASS.
+    Login,
+}
+
+impl Mechanism {
+    /// Looks a mechanism name up case-insensitively.
+    pub fn from_name(name: &[u8]) -> Option<Self> {
+        if name.eq_ignore_ascii_case(b"PLAIN") {
+            Some(Self::Plain)
+        } else if name.eq_ignore_ascii_case(b"LOGIN") {
+            Some(Self::Login)
+        } else {
+            None
+        }
+    }
+
+    /// The IANA name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::Login => "LOGIN",
+        }
+    }
+
+    /// Lower-case label for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Plain => "plain",
+            Self::Login => "login",
+        }
+    }
+}
+
+/// What a client proved itself with, after the username rules were applied.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The username as the client gave it (validated, not yet canonical).
+    pub username: String,
+    /// The password.
+    pub secret: Secret,
+    /// How it was presented.
+    pub mechanism: Mechanism,
+}
+
+/// Why an exchange failed. Every variant is a protocol error on the client's side.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SaslError {
+    #[error("client cancelled the exchange")]
+    Cancelled,
+    #[error("invalid base64")]
+    InvalidBase64,
+    #[error("payload larger than {MAX_SASL_LEN} bytes")]
+    TooLong,
+    #[error("malformed {0} payload")]
+    Malformed(&'static str),
+    #[error("authorization identity differs from authentication identity")]
+    AuthzidMismatch,
+    #[error("empty password")]
+    EmptyPassword,
+    #[error("no initial response allowed here")]
+    UnexpectedData,
+    #[error("username refused: {0}")]
+    Identity(#[from] IdentityError),
+}
+
+/// What the protocol should do next.
+#[derive(Debug)]
+pub enum Step {
+    /// Send this challenge (raw bytes; the protocol base64-encodes it) and wait for a response.
+    Challenge(&'static [u8]),
+    /// The exchange produced credentials.
+    Done(Credentials),
+}
+
+/// A client response line, decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Response {
+    /// `*`: the client gives up.
+    Cancel,
+    /// The decoded payload (wiped on drop).
+    Data(Zeroizing<Vec<u8>>),
+}
+
+/// Decodes one base64 response line (no CRLF). `=` is the empty initial response of RFC 4959 /
+/// RFC 4954, `*` a cancel. Strict: no whitespace, canonical padding.
+///
+/// # Errors
+/// [`SaslError::InvalidBase64`] or [`SaslError::TooLong`].
+pub fn decode_response(line: &[u8]) -> Result<Response, SaslError> {
+    if line == b"*" {
+        return Ok(Response::Cancel);
+    }
+    if line == b"=" {
+        return Ok(Response::Data(Zeroizing::new(Vec::new())));
+    }
+    if line.len() > MAX_SASL_LEN.div_ceil(3) * 4 {
+        return Err(SaslError::TooLong);
+    }
+    let mut out = Zeroizing::new(Vec::with_capacity(line.len() / 4 * 3));
+    base64::engine::general_purpose::STANDARD
+        .decode_vec(line, &mut out)
+        .map_err(|_| SaslError::InvalidBase64)?;
+    Ok(Response::Data(out))
+}
+
+/// Encodes a challenge for protocols that send base64 lines.
+pub fn encode_challenge(raw: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(raw)
+}
+
+#[derive(Debug)]
+enum State {
+    Start,
+    /// LOGIN: waiting for the username.
+    LoginUser,
+    /// LOGIN: have the username, waiting for the password.
+    LoginPass(String),
+    Finished,
+}
+
+/// One SASL exchange on the server side.
+#[derive(Debug)]
+pub struct Exchange {
+    mechanism: Mechanism,
+    state: State,
+}
+
+impl Exchange {
+    pub fn new(mechanism: Mechanism) -> Self {
+        Self {
+            mechanism,
+            state: State::Start,
+        }
+    }
+
+    pub fn mechanism(&self) -> Mechanism {
+        self.mechanism
+    }
+
+    /// Starts the exchange with the client's initial response, if it sent one.
+    ///
+    /// # Errors
+    /// A [`SaslError`] if the initial response is unacceptable; the exchange is then over.
+    pub fn begin(
+        &mut self,
+        initial: Option<&[u8]>,
+        rules: &IdentityRules,
+    ) -> Result<Step, SaslError> {
+        match (self.mechanism, initial) {
+            (Mechanism::Plain, None) => {
+                self.state = State::Start;
+                Ok(Step::Challenge(b""))
+            }
+            (Mechanism::Plain, Some(data)) => self.finish_plain(data, rules),
+            (Mechanism::Login, None) => {
+                self.state = State::LoginUser;
+                Ok(Step::Challenge(b"Username:"))
+            }
+            (Mechanism::Login, Some(user)) => {
+                self.state = State::LoginUser;
+                self.step(user, rules)
+            }
+        }
+    }
+
+    /// Feeds the client's next (decoded) response.
+    ///
+    /// # Errors
+    /// A [`SaslError`]; the exchange is then over.
+    pub fn step(&mut self, data: &[u8], rules: &IdentityRules) -> Result<Step, SaslError> {
+        if data.len() > MAX_SASL_LEN {
+            self.state = State::Finished;
+            return Err(SaslError::TooLong);
+        }
+        match std::mem::replace(&mut self.state, State::Finished) {
+            State::Start if self.mechanism == Mechanism::Plain => self.finish_plain(data, rules),
+            State::LoginUser => {
+                let user = rules.validate(data)?.to_owned();
+                self.state = State::LoginPass(user);
+                Ok(Step::Challenge(b"Password:"))
+            }
+            State::LoginPass(username) => {
+                if data.is_empty() {
+                    return Err(SaslError::EmptyPassword);
+                }
+                Ok(Step::Done(Credentials {
+                    username,
+                    secret: Secret::new(data.to_vec()),
+                    mechanism: Mechanism::Login,
+                }))
+            }
+            State::Start | State::Finished => Err(SaslError::UnexpectedData),
+        }
+    }
+
+    fn finish_plain(&mut self, data: &[u8], rules: &IdentityRules) -> Result<Step, SaslError> {
+        self.state = State::Finished;
+        if data.len() > MAX_SASL_LEN {
+            return Err(SaslError::TooLong);
+        }
+        let (username, secret) = parse_plain(data, rules)?;
+        Ok(Step::Done(Credentials {
+            username,
+            secret,
+            mechanism: Mechanism::Plain,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> IdentityRules {
+        IdentityRules::default()
+    }
+
+    fn done(step: Result<Step, SaslError>) -> Credentials {
+        match step {
+            Ok(Step::Done(c)) => c,
+            other => panic!("expected credentials, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn plain_with_initial_response() {
+        let c = done(Exchange::new(Mechanism::Plain).begin(Some(b"\0alice\0pw"), &rules()));
+        assert_eq!(c.username, "alice");
+        assert!(c.secret.ct_eq(b"pw"));
+    }
+
+    #[test]
+    fn plain_with_continuation() {
+        let mut ex = Exchange::new(Mechanism::Plain);
+        assert!(matches!(ex.begin(None, &rules()), Ok(Step::Challenge(b""))));
+        let c = done(ex.step(b"alice\0alice\0pw", &rules()));
+        assert_eq!(c.username, "alice");
+        assert_eq!(
+            ex.step(b"x", &rules()).unwrap_err(),
+            SaslError::UnexpectedData
+        );
+    }
+
+    #[test]
+    fn login_two_prompts() {
+        let mut ex = Exchange::new(Mechanism::Login);
+        assert!(matches!(
+            ex.begin(None, &rules()),
+            Ok(Step::Challenge(b"Username:"))
+        ));
+        assert!(matches!(
+            ex.step(b"bob", &rules()),
+            Ok(Step::Challenge(b"Password:"))
+        ));
+        let c = done(ex.step(b"secret", &rules()));
+        assert_eq!(c.username, "bob");
+        assert_eq!(c.mechanism, Mechanism::Login);
+    }
+
+    #[test]
+    fn login_initial_response_is_the_username() {
+        let mut ex = Exchange::new(Mechanism::Login);
+        assert!(matches!(
+            ex.begin(Some(b"bob"), &rules()),
+            Ok(Step::Challenge(b"Password:"))
+        ));
+        assert_eq!(
+            ex.step(b"", &rules()).unwrap_err(),
+            SaslError::EmptyPassword
+        );
+    }
+
+    #[test]
+    fn login_refuses_master_separator() {
+        let mut ex = Exchange::new(Mechanism::Login);
+        ex.begin(None, &rules()).unwrap();
+        assert_eq!(
+            ex.step(b"bob%master", &rules()).unwrap_err(),
+            SaslError::Identity(IdentityError::Separator)
+        );
+    }
+
+    #[test]
+    fn base64_lines() {
+        assert_eq!(decode_response(b"*").unwrap(), Response::Cancel);
+        assert_eq!(
+            decode_response(b"=").unwrap(),
+            Response::Data(Zeroizing::new(vec![]))
+        );
+        assert_eq!(
+            decode_response(b"AGFsaWNlAHB3").unwrap(),
+            Response::Data(Zeroizing::new(b"\0alice\0pw".to_vec()))
+        );
+        for bad in [
+            &b"AGFsa WNl"[..],
+            b"AGFsaWNlAHB",
+            b"!!!!",
+            b"AGFsaWNlAHB3\r",
+        ] {
+            assert_eq!(
+                decode_response(bad).unwrap_err(),
+                SaslError::InvalidBase64,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            decode_response(&vec![b'A'; 20000]).unwrap_err(),
+            SaslError::TooLong
+        );
+    }
+}

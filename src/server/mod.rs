@@ -1,0 +1,252 @@
+//! Listeners, connection permits, TLS handshakes off the accept path, and graceful shutdown.
+//!
+//! The accept loop only accepts, takes a permit (over the cap: close at once, no greeting) and
+//! spawns; the TLS handshake runs in the connection's own task under one deadline, so a slow
+//! client never stalls the loop.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::authn::Checked;
+use crate::backend::Connector;
+use crate::config::{Config, ListenerTls};
+use crate::identity::IdentityRules;
+use crate::session::{ConnCtx, ListenerCtx, Shared, SharedRef};
+use crate::stream::Conn;
+use crate::tls::{CertStore, SniResolver};
+use crate::Protocol;
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("authenticator: {0}")]
+    Authenticator(String),
+    #[error("backend: {0}")]
+    Backend(#[from] crate::backend::ConnectError),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A started server: listeners bound, ready to [`Server::run`].
+pub struct Server {
+    shared: SharedRef,
+    listeners: Vec<(TcpListener, ListenerCtx)>,
+    resolver: Option<Arc<SniResolver>>,
+}
+
+impl Server {
+    /// Loads everything the configuration names and binds every listener.
+    ///
+    /// # Errors
+    /// A [`StartError`] naming what failed.
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        let secret = config.master_secret()?;
+        let rules = IdentityRules::with_separator(&config.master.separator);
+        let inner =
+            crate::authn::build(&config.authenticator).map_err(StartError::Authenticator)?;
+        let authn = Checked::new(
+            inner,
+            config.authenticator.timeout,
+            config.authenticator.max_concurrency,
+            rules.clone(),
+        );
+        let backend = Connector::new(
+            &config.backend,
+            &config.master.user,
+            &config.master.separator,
+            secret,
+        )?;
+        let resolver = match &config.tls {
+            Some(t) => Some(Arc::new(SniResolver::new(CertStore::load(t)?))),
+            None => None,
+        };
+        let handshake_timeout = config
+            .tls
+            .as_ref()
+            .map(|t| t.handshake_timeout)
+            .unwrap_or_default();
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let acceptor = match (&resolver, l.tls) {
+                (Some(r), ListenerTls::Implicit | ListenerTls::Starttls) => {
+                    let alpn: Vec<String> = match &l.alpn {
+                        Some(a) => a.clone(),
+                        None => l
+                            .protocol
+                            .default_alpn()
+                            .iter()
+                            .map(|s| (*s).to_owned())
+                            .collect(),
+                    };
+                    Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
+                        r.clone(),
+                        &alpn,
+                    )?))
+                }
+                _ => None,
+            };
+            let ctx = ListenerCtx {
+                protocol: l.protocol,
+                tls: l.tls,
+                acceptor,
+                allow_plaintext_auth: l.allow_plaintext_auth,
+                handshake_timeout,
+            };
+            for addr in &l.bind {
+                let socket = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        addr: *addr,
+                        source,
+                    })?;
+                listeners.push((socket, ctx.clone()));
+            }
+        }
+        let shared = Arc::new(Shared {
+            config,
+            authn,
+            backend,
+            rules,
+            shutdown: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+        });
+        Ok(Self {
+            shared,
+            listeners,
+            resolver,
+        })
+    }
+
+    /// The bound addresses, in configuration order.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|(l, _)| l.local_addr().ok())
+            .collect()
+    }
+
+    /// A token that starts a graceful shutdown when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
+    /// The certificate resolver, for reloads.
+    pub fn resolver(&self) -> Option<Arc<SniResolver>> {
+        self.resolver.clone()
+    }
+
+    /// Serves until the shutdown token fires, then says goodbye to pre-login sessions and
+    /// drains spliced ones for the grace period.
+    pub async fn run(self) {
+        let tracker = TaskTracker::new();
+        let permits = Arc::new(Semaphore::new(self.shared.config.limits.max_connections));
+        let ids = Arc::new(AtomicU64::new(0));
+        for (listener, ctx) in self.listeners {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, proto = ctx.protocol.label(), tls = ?ctx.tls, "listening");
+            }
+            tracker.spawn(accept_loop(
+                listener,
+                ctx,
+                self.shared.clone(),
+                permits.clone(),
+                tracker.clone(),
+                ids.clone(),
+            ));
+        }
+        self.shared.shutdown.cancelled().await;
+        info!(grace = ?self.shared.config.server.shutdown_grace, "shutting down");
+        tracker.close();
+        if tokio::time::timeout(self.shared.config.server.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("grace period over; closing remaining sessions");
+            self.shared.hard_stop.cancel();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait()).await;
+        }
+        info!("stopped");
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: ListenerCtx,
+    shared: SharedRef,
+    permits: Arc<Semaphore>,
+    tracker: TaskTracker,
+    ids: Arc<AtomicU64>,
+) {
+    let local = listener.local_addr().ok();
+    let salt: u32 = rand::random();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shared.shutdown.cancelled() => return,
+        };
+        let (tcp, client) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and friends: back off briefly rather than spin.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            debug!(peer = %client, "connection cap reached; closing without greeting");
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let n = ids.fetch_add(1, Ordering::Relaxed);
+        let conn_ctx = ConnCtx {
+            session_id: format!("{salt:08x}{n:08x}"),
+            client,
+            local: local.unwrap_or(client),
+            accepted: tokio::time::Instant::now(),
+        };
+        let shared = shared.clone();
+        let ctx = ctx.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let (conn, tls) = match (ctx.tls, &ctx.acceptor) {
+                (ListenerTls::Implicit, Some(acceptor)) => {
+                    match tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let info = crate::tls::tls_info(stream.get_ref().1);
+                            (Conn::Server(Box::new(stream)), Some(info))
+                        }
+                        Ok(Err(e)) => {
+                            debug!(peer = %client, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(peer = %client, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+                _ => (Conn::Plain(tcp), None),
+            };
+            match ctx.protocol {
+                Protocol::Imap => crate::session::imap::run(shared, ctx, conn_ctx, conn, tls).await,
+                _ => {}
+            }
+        });
+    }
+}

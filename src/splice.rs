@@ -1,0 +1,167 @@
+//! After login: copy bytes both ways with an idle timeout and byte counters. IMAP (and later
+//! ManageSieve) keep their light framers on the way: client→backend refuses `UNAUTHENTICATE`
+//! locally, backend→client strips it from capability lists and is where local replies are
+//! inserted, at a response boundary so they never land inside a backend response.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::proto::imap::framer::{CommandFramer, ResponseFramer};
+use crate::stream::Conn;
+
+/// Read buffer per direction. Large enough for full TLS records, small enough for many
+/// idle sessions.
+const BUF: usize = 16 * 1024;
+
+/// How a splice ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpliceEnd {
+    /// One side closed and the other was drained.
+    Closed,
+    /// Both sides were silent for the idle timeout.
+    Idle,
+    /// The client broke framing (e.g. a command head over the bound).
+    ClientAbuse,
+    /// Shutdown deadline reached.
+    Shutdown,
+    /// An I/O error on either side.
+    Error,
+}
+
+/// Bytes moved and how it ended.
+#[derive(Debug, Clone, Copy)]
+pub struct SpliceStats {
+    pub to_backend: u64,
+    pub to_client: u64,
+    pub end: SpliceEnd,
+}
+
+/// Splices an IMAP session. `client_first` goes to the backend and `backend_first` to the
+/// client before anything else (bytes already read during login). `stop` ends the splice (the
+/// server fires it when the shutdown grace period is over).
+pub async fn imap(
+    client: Conn,
+    backend: Conn,
+    client_first: Vec<u8>,
+    backend_first: Vec<u8>,
+    idle: Duration,
+    stop: CancellationToken,
+) -> SpliceStats {
+    let start = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let touch =
+        |last: &AtomicU64| last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let to_backend = AtomicU64::new(0);
+    let to_client = AtomicU64::new(0);
+    let (mut client_r, mut client_w) = tokio::io::split(client);
+    let (mut backend_r, mut backend_w) = tokio::io::split(backend);
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(8);
+
+    // client -> backend
+    let upstream = async {
+        let mut framer = CommandFramer::new();
+        let mut buf = vec![0u8; BUF];
+        let mut pending = client_first;
+        loop {
+            if !pending.is_empty() {
+                let out = framer.push(&pending);
+                pending.clear();
+                if out.abort {
+                    return SpliceEnd::ClientAbuse;
+                }
+                for reply in out.replies {
+                    if reply_tx.send(reply).await.is_err() {
+                        return SpliceEnd::Closed;
+                    }
+                }
+                if !out.forward.is_empty() {
+                    if backend_w.write_all(&out.forward).await.is_err() {
+                        return SpliceEnd::Error;
+                    }
+                    to_backend.fetch_add(out.forward.len() as u64, Ordering::Relaxed);
+                }
+            }
+            match client_r.read(&mut buf).await {
+                Ok(0) => {
+                    let _ = backend_w.shutdown().await;
+                    return SpliceEnd::Closed;
+                }
+                Ok(n) => {
+                    touch(&last);
+                    pending.extend_from_slice(&buf[..n]);
+                }
+                Err(_) => return SpliceEnd::Error,
+            }
+        }
+    };
+
+    // backend -> client
+    let downstream = async {
+        let mut framer = ResponseFramer::new();
+        let mut buf = vec![0u8; BUF];
+        let mut out = Vec::with_capacity(BUF);
+        framer.push(&backend_first, &mut out);
+        let mut replies_open = true;
+        loop {
+            if !out.is_empty() {
+                if client_w.write_all(&out).await.is_err() {
+                    return SpliceEnd::Error;
+                }
+                to_client.fetch_add(out.len() as u64, Ordering::Relaxed);
+                out.clear();
+            }
+            tokio::select! {
+                reply = reply_rx.recv(), if replies_open && framer.at_boundary() => {
+                    match reply {
+                        Some(reply) => out.extend_from_slice(&reply),
+                        None => replies_open = false,
+                    }
+                }
+                r = backend_r.read(&mut buf) => match r {
+                    Ok(0) => {
+                        let _ = client_w.shutdown().await;
+                        return SpliceEnd::Closed;
+                    }
+                    Ok(n) => {
+                        touch(&last);
+                        framer.push(&buf[..n], &mut out);
+                    }
+                    Err(_) => return SpliceEnd::Error,
+                }
+            }
+        }
+    };
+
+    let idle_watch = async {
+        loop {
+            let since = Duration::from_millis(last.load(Ordering::Relaxed));
+            let quiet = start.elapsed().saturating_sub(since);
+            if quiet >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - quiet).await;
+        }
+    };
+
+    let end = tokio::select! {
+        end = async {
+            // Either side closing ends the session: IMAP has no half-close.
+            tokio::select! {
+                e = upstream => e,
+                e = downstream => e,
+            }
+        } => end,
+        () = idle_watch => SpliceEnd::Idle,
+        () = stop.cancelled() => SpliceEnd::Shutdown,
+    };
+    SpliceStats {
+        to_backend: to_backend.load(Ordering::Relaxed),
+        to_client: to_client.load(Ordering::Relaxed),
+        end,
+    }
+}
