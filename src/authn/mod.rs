@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use crate::config::{AuthenticatorConfig, AuthenticatorKind};
 use crate::identity::IdentityRules;
 use crate::sasl::Mechanism;
 use crate::secret::Secret;
@@ -103,6 +104,110 @@ pub trait Authenticator: Send + Sync {
 
     /// The configured kind, for logs.
     fn kind(&self) -> &'static str;
+
+    /// Re-reads whatever this authenticator loaded from disk (SIGHUP). On error the previous
+    /// state stays in force. Kinds with nothing to re-read do nothing.
+    ///
+    /// # Errors
+    /// [`ReloadError`] saying what could not be loaded.
+    fn reload(&self) -> Result<(), ReloadError> {
+        Ok(())
+    }
+}
+
+/// Why a reload failed; the previous state stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    File(#[from] file::FileAuthError),
+}
+
+/// A configuration problem found while building the authenticator, naming its key
+/// (`authenticator.url: …`), like [`crate::config::ConfigError`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct BuildError {
+    pub key: &'static str,
+    pub message: String,
+}
+
+fn build_error(key: &'static str, message: impl Into<String>) -> BuildError {
+    BuildError {
+        key,
+        message: message.into(),
+    }
+}
+
+/// Builds the configured authenticator. Everything is loaded and checked here (users file, URL,
+/// static headers, CA file), so `check-config` and start-up report problems before any login.
+///
+/// # Errors
+/// [`BuildError`] naming the `authenticator.*` key at fault.
+pub fn build(cfg: &AuthenticatorConfig) -> Result<Arc<dyn Authenticator>, BuildError> {
+    match cfg.kind {
+        AuthenticatorKind::File => {
+            let path = cfg.users_file.as_ref().ok_or_else(|| {
+                build_error("authenticator.users_file", "required for kind = \"file\"")
+            })?;
+            let auth = file::FileAuth::load(path)
+                .map_err(|e| build_error("authenticator.users_file", e.to_string()))?;
+            Ok(Arc::new(auth))
+        }
+        AuthenticatorKind::Nginx => {
+            let (client, headers) = http_parts(cfg, nginx::RESERVED_HEADERS)?;
+            Ok(Arc::new(nginx::NginxAuth::new(
+                client,
+                headers,
+                cfg.keepalive,
+            )))
+        }
+        AuthenticatorKind::Json => {
+            let (client, headers) = http_parts(cfg, json::RESERVED_HEADERS)?;
+            Ok(Arc::new(json::JsonAuth::new(
+                client,
+                headers,
+                cfg.keepalive,
+            )))
+        }
+    }
+}
+
+fn http_parts(
+    cfg: &AuthenticatorConfig,
+    reserved: &[&str],
+) -> Result<(http::HttpClient, Vec<(String, String)>), BuildError> {
+    let url = cfg
+        .url
+        .as_deref()
+        .ok_or_else(|| build_error("authenticator.url", "required for this kind"))?;
+    let endpoint =
+        http::Endpoint::parse(url).map_err(|e| build_error("authenticator.url", e.to_string()))?;
+    if cfg.tls_ca_file.is_some() && !endpoint.tls {
+        return Err(build_error(
+            "authenticator.tls_ca_file",
+            "only used with an https:// url",
+        ));
+    }
+    let headers = http::validate_static_headers(&cfg.headers, reserved)
+        .map_err(|m| build_error("authenticator.headers", m))?;
+    let client = http::HttpClient::new(
+        endpoint,
+        http::ClientOptions {
+            timeout: cfg.timeout,
+            keepalive: cfg.keepalive,
+            ca_file: cfg.tls_ca_file.clone(),
+            ..http::ClientOptions::default()
+        },
+    )
+    .map_err(|e| {
+        let key = if cfg.tls_ca_file.is_some() {
+            "authenticator.tls_ca_file"
+        } else {
+            "authenticator.url"
+        };
+        build_error(key, e.to_string())
+    })?;
+    Ok((client, headers))
 }
 
 /// The shared rules around whichever authenticator is configured.
@@ -132,6 +237,14 @@ impl Checked {
         self.inner.kind()
     }
 
+    /// Reloads the inner authenticator (SIGHUP); see [`Authenticator::reload`].
+    ///
+    /// # Errors
+    /// [`ReloadError`]; the previous state stays in force.
+    pub fn reload(&self) -> Result<(), ReloadError> {
+        self.inner.reload()
+    }
+
     /// Asks the authenticator, within the deadline (which also covers waiting for a permit).
     pub async fn verify(&self, req: &AuthRequest) -> Verdict {
         let work = async {
@@ -159,6 +272,7 @@ impl Checked {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -245,12 +359,51 @@ mod tests {
         let c = checked(Verdict::reject("bad"), Duration::ZERO);
         assert!(matches!(c.verify(&request()).await, Verdict::Reject { .. }));
     }
-}
 
-/// Builds the configured authenticator. (temporary stand-in until the kinds land)
-///
-/// # Errors
-/// Always, for now.
-pub fn build(_cfg: &crate::config::AuthenticatorConfig) -> Result<Arc<dyn Authenticator>, String> {
-    Err("not yet".into())
+    fn config(kind: &str, extra: &str) -> AuthenticatorConfig {
+        let text = format!("kind = \"{kind}\"\n{extra}");
+        toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn build_names_the_key_at_fault() {
+        let err = |cfg: AuthenticatorConfig| build(&cfg).err().unwrap().to_string();
+        assert!(err(config("file", "")).starts_with("authenticator.users_file:"));
+        assert!(err(config("file", "users_file = \"/nonexistent.toml\""))
+            .starts_with("authenticator.users_file: cannot read /nonexistent.toml"));
+        assert!(err(config("nginx", "")).starts_with("authenticator.url:"));
+        assert!(err(config("json", "url = \"ftp://x\"")).starts_with("authenticator.url:"));
+        let e = err(config(
+            "nginx",
+            "url = \"http://127.0.0.1:9/\"\n[headers]\n\"Auth-Pass\" = \"x\"",
+        ));
+        assert!(e.starts_with("authenticator.headers:"), "{e}");
+        let e = err(config(
+            "json",
+            "url = \"http://127.0.0.1:9/\"\ntls_ca_file = \"/x.pem\"",
+        ));
+        assert!(e.starts_with("authenticator.tls_ca_file:"), "{e}");
+        let e = err(config(
+            "json",
+            "url = \"https://127.0.0.1:9/\"\ntls_ca_file = \"/nonexistent.pem\"",
+        ));
+        assert!(e.starts_with("authenticator.tls_ca_file:"), "{e}");
+    }
+
+    #[test]
+    fn build_makes_each_kind() {
+        let users = concat!(env!("CARGO_MANIFEST_DIR"), "/config/users.toml");
+        let file = build(&config("file", &format!("users_file = \"{users}\""))).unwrap();
+        assert_eq!(file.kind(), "file");
+        assert!(file.reload().is_ok());
+        let nginx = build(&config(
+            "nginx",
+            "url = \"https://auth.example.org/nginx\"\n[headers]\nX-Auth-Key = \"k\"",
+        ))
+        .unwrap();
+        assert_eq!(nginx.kind(), "nginx");
+        assert!(nginx.reload().is_ok());
+        let json = build(&config("json", "url = \"http://[::1]:9100/v1/auth\"")).unwrap();
+        assert_eq!(json.kind(), "json");
+    }
 }

@@ -56,8 +56,8 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let secret = config.master_secret()?;
         let rules = IdentityRules::with_separator(&config.master.separator);
-        let inner =
-            crate::authn::build(&config.authenticator).map_err(StartError::Authenticator)?;
+        let inner = crate::authn::build(&config.authenticator)
+            .map_err(|e| StartError::Authenticator(e.to_string()))?;
         let authn = Checked::new(
             inner,
             config.authenticator.timeout,

@@ -1,0 +1,45 @@
+//! Post-login framers. Invariants: no panic; the client framer's decisions do not depend on the
+//! split and it forwards no more than it received; the response framer passes input without
+//! capability lines through unchanged.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use portcullis::proto::imap::framer::{CommandFramer, ResponseFramer};
+
+fn client(chunks: &[&[u8]]) -> (Vec<u8>, Vec<Vec<u8>>, bool) {
+    let mut f = CommandFramer::new();
+    let (mut fwd, mut replies, mut abort) = (Vec::new(), Vec::new(), false);
+    for c in chunks {
+        let o = f.push(c);
+        fwd.extend(o.forward);
+        replies.extend(o.replies);
+        abort |= o.abort;
+        if abort {
+            break;
+        }
+    }
+    (fwd, replies, abort)
+}
+
+fuzz_target!(|data: &[u8]| {
+    if data.is_empty() {
+        return;
+    }
+    let input = &data[1..];
+    let cut = (data[0] as usize).min(input.len());
+    let whole = client(&[input]);
+    let split = client(&[&input[..cut], &input[cut..]]);
+    if !whole.2 && !split.2 {
+        assert_eq!(whole, split);
+    }
+    assert!(whole.0.len() <= input.len());
+
+    let mut r = ResponseFramer::new();
+    let mut out = Vec::new();
+    r.push(&input[..cut], &mut out);
+    r.push(&input[cut..], &mut out);
+    let upper = input.to_ascii_uppercase();
+    if !upper.windows(10).any(|w| w == b"CAPABILITY") {
+        assert!(input.starts_with(&out));
+    }
+});

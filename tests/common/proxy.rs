@@ -1,0 +1,318 @@
+//! Runs the real `portcullis` binary with a configuration written for one test, on free
+//! loopback ports, capturing its log; stopped (SIGTERM, then kill) on drop.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::ports::{free_port, wait_for_port};
+
+/// The repository root (for the dev certificates and demo users).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn dev_ca() -> PathBuf {
+    repo().join("certs-dev/ca.pem")
+}
+
+/// What the test wants the proxy to use.
+pub struct ProxyOptions {
+    pub backend_imap_port: u16,
+    pub master_secret: String,
+    /// The `[authenticator]` section body (without the header).
+    pub authenticator: String,
+    /// Extra TOML appended to the file.
+    pub extra: String,
+    pub rust_log: String,
+}
+
+impl ProxyOptions {
+    pub fn file_users(backend_imap_port: u16, master_secret: &str) -> Self {
+        Self {
+            backend_imap_port,
+            master_secret: master_secret.to_owned(),
+            authenticator: format!(
+                "kind = \"file\"\nusers_file = \"{}\"\n",
+                repo().join("config/users.toml").display()
+            ),
+            extra: String::new(),
+            rust_log: "portcullis=debug".into(),
+        }
+    }
+
+    pub fn nginx(backend_imap_port: u16, master_secret: &str, url: &str) -> Self {
+        Self {
+            authenticator: format!("kind = \"nginx\"\nurl = \"{url}\"\ntimeout = \"1s\"\n"),
+            ..Self::file_users(backend_imap_port, master_secret)
+        }
+    }
+}
+
+pub struct Proxy {
+    child: Child,
+    dir: tempfile::TempDir,
+    /// IMAP with implicit TLS.
+    pub imaps: u16,
+    /// IMAP with STARTTLS.
+    pub imap_starttls: u16,
+    /// IMAP without TLS, plaintext auth allowed (loopback test listener).
+    pub imap_plain: u16,
+}
+
+impl Proxy {
+    pub fn start(opts: ProxyOptions) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("master.secret");
+        std::fs::write(&secret, format!("{}\n", opts.master_secret)).unwrap();
+        let (imaps, imap_starttls, imap_plain) = (free_port(), free_port(), free_port());
+        let certs = repo().join("certs-dev");
+        let config = format!(
+            r#"
+[server]
+hostname = "localhost"
+shutdown_grace = "2s"
+
+[tls]
+default_cert = "{cert}"
+default_key = "{key}"
+handshake_timeout = "3s"
+
+[[listener]]
+protocol = "imap"
+bind = ["127.0.0.1:{imaps}"]
+tls = "implicit"
+
+[[listener]]
+protocol = "imap"
+bind = ["127.0.0.1:{imap_starttls}"]
+tls = "starttls"
+
+[[listener]]
+protocol = "imap"
+bind = ["127.0.0.1:{imap_plain}"]
+tls = "none"
+allow_plaintext_auth = true
+
+[backend]
+host = "127.0.0.1"
+imap = {{ port = {backend}, tls = "none" }}
+
+[master]
+user = "proxy@example.org"
+secret_file = "{secret}"
+
+[authenticator]
+{authn}
+
+[guard]
+failure_delay = "0s"
+failure_jitter = "0s"
+
+{extra}
+"#,
+            cert = certs.join("server.pem").display(),
+            key = certs.join("server.key").display(),
+            backend = opts.backend_imap_port,
+            secret = secret.display(),
+            authn = opts.authenticator,
+            extra = opts.extra,
+        );
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("portcullis.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", &opts.rust_log)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start portcullis");
+        let proxy = Proxy {
+            child,
+            dir,
+            imaps,
+            imap_starttls,
+            imap_plain,
+        };
+        for port in [imaps, imap_starttls, imap_plain] {
+            assert!(
+                wait_for_port(port, Duration::from_secs(10)),
+                "portcullis did not listen on {port}; log:\n{}",
+                proxy.log()
+            );
+        }
+        proxy
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("portcullis.toml")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("portcullis.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        // SAFETY-free: libc::kill is a plain syscall wrapper; tests may use it.
+        unsafe_free_kill(self.pid(), libc::SIGTERM);
+    }
+
+    /// Waits for the process to exit; returns whether it did within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let end = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+fn unsafe_free_kill(pid: i32, sig: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        unsafe_free_kill(self.pid(), libc::SIGTERM);
+        if !self.wait_exit(Duration::from_secs(5)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A raw line-oriented client over plain TCP or TLS (trusting the dev CA), for byte-exact
+/// negative tests no stock client can produce.
+pub struct Raw {
+    stream: Box<dyn ReadWrite>,
+    buf: Vec<u8>,
+}
+
+pub trait ReadWrite: Read + Write + Send {}
+impl<T: Read + Write + Send> ReadWrite for T {}
+
+fn tls_client(alpn: &[&str]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(dev_ca()).unwrap();
+    for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
+        let cert: rustls_pki_types::CertificateDer = cert.unwrap();
+        roots.add(cert).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    Arc::new(cfg)
+}
+
+/// Performs a TLS handshake over `tcp`; `Err` if the server refused it.
+pub fn tls_over(
+    tcp: TcpStream,
+    alpn: &[&str],
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, String> {
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(tls_client(alpn), name).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).map_err(|e| e.to_string())?;
+    }
+    Ok(s)
+}
+
+impl Raw {
+    pub fn plain(port: u16) -> Raw {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw {
+            stream: Box::new(tcp),
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn tls(port: u16) -> Raw {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw {
+            stream: Box::new(tls_over(tcp, &["imap"]).unwrap()),
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+        self.stream.flush().unwrap();
+    }
+
+    /// Reads one line (with CRLF); `None` at EOF or error.
+    pub fn line(&mut self) -> Option<String> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return Some(String::from_utf8_lossy(&line).into_owned());
+            }
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Reads lines until one starts with `prefix`; returns all of them.
+    pub fn until(&mut self, prefix: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Some(l) = self.line() {
+            let done = l.starts_with(prefix);
+            lines.push(l);
+            if done {
+                return lines;
+            }
+        }
+        panic!("connection closed before a line starting with {prefix:?}: {lines:?}");
+    }
+
+    /// True if the server closed the connection (reads EOF) without sending a line.
+    pub fn closed(&mut self) -> bool {
+        self.line().is_none()
+    }
+
+    /// Connects in the clear, checks the greeting offers STARTTLS, upgrades, and returns the
+    /// TLS client (nothing of the cleartext phase is left in its buffer).
+    pub fn starttls(port: u16) -> Raw {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut plain = Raw {
+            stream: Box::new(tcp.try_clone().unwrap()),
+            buf: Vec::new(),
+        };
+        let greeting = plain.line().unwrap();
+        assert!(greeting.contains("STARTTLS"), "{greeting}");
+        plain.send(b"s STARTTLS\r\n");
+        let ok = plain.line().unwrap();
+        assert!(ok.starts_with("s OK"), "{ok}");
+        Raw {
+            stream: Box::new(tls_over(tcp, &["imap"]).unwrap()),
+            buf: Vec::new(),
+        }
+    }
+}
