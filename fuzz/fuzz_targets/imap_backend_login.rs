@@ -10,7 +10,7 @@ fn run(chunks: &[&[u8]]) -> Option<BackendEvent> {
     let mut l = BackendLogin::new("alice@example.org", "proxy", "%", &Secret::from("s"), false);
     for c in chunks {
         l.feed(c);
-        match l.next() {
+        match l.advance() {
             BackendEvent::NeedInput => {}
             BackendEvent::StartTls => l.tls_started(),
             ev => return Some(ev),

@@ -26,7 +26,7 @@ fn run(tls: bool, chunks: &[&[u8]]) -> (Vec<u8>, usize, Option<Vec<u8>>) {
     let mut logins = 0;
     let mut it = chunks.iter();
     loop {
-        let ev = m.next();
+        let ev = m.advance();
         out.extend(m.take_output());
         match ev {
             Event::NeedInput => match it.next() {

@@ -147,7 +147,7 @@ impl Connector {
             );
             let mut buf = vec![0u8; 4096];
             loop {
-                let ev = login.next();
+                let ev = login.advance();
                 let out = login.take_output();
                 if !out.is_empty() {
                     conn.write_all(&out).await.map_err(ConnectError::Io)?;

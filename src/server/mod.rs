@@ -243,9 +243,9 @@ async fn accept_loop(
                 }
                 _ => (Conn::Plain(tcp), None),
             };
-            match ctx.protocol {
-                Protocol::Imap => crate::session::imap::run(shared, ctx, conn_ctx, conn, tls).await,
-                _ => {}
+            // Configuration validation admits only implemented protocols.
+            if ctx.protocol == Protocol::Imap {
+                crate::session::imap::run(shared, ctx, conn_ctx, conn, tls).await;
             }
         });
     }

@@ -47,12 +47,14 @@ async fn drive(
     mut tls: Option<TlsInfo>,
 ) {
     let l = &shared.config.limits;
-    let mut limits = ImapLimits::default();
-    limits.line_max = l.imap_line_max;
-    limits.literal_max = l.imap_literal_max;
-    limits.literal_total = l.imap_preauth_literal_total;
-    limits.max_auth_failures = l.max_auth_failures;
-    limits.max_protocol_errors = l.max_protocol_errors;
+    let limits = ImapLimits {
+        line_max: l.imap_line_max,
+        literal_max: l.imap_literal_max,
+        literal_total: l.imap_preauth_literal_total,
+        max_auth_failures: l.max_auth_failures,
+        max_protocol_errors: l.max_protocol_errors,
+        ..ImapLimits::default()
+    };
     let mut machine = PreAuth::new(PreAuthOptions {
         limits,
         tls: conn.is_tls(),
@@ -65,7 +67,7 @@ async fn drive(
     let mut buf = vec![0u8; 4096];
 
     let exit = loop {
-        let event = machine.next();
+        let event = machine.advance();
         let out = machine.take_output();
         if !out.is_empty() && conn.write_all(&out).await.is_err() {
             break Exit::Io;

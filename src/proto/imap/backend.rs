@@ -131,7 +131,7 @@ impl BackendLogin {
     }
 
     /// Runs until the driver has something to do.
-    pub fn next(&mut self) -> BackendEvent {
+    pub fn advance(&mut self) -> BackendEvent {
         loop {
             if self.state == State::AwaitTls {
                 return BackendEvent::StartTls;
@@ -284,9 +284,9 @@ mod tests {
     #[test]
     fn sasl_ir_login_with_capabilities_in_ok() {
         let mut l = login(false);
-        assert_eq!(l.next(), BackendEvent::NeedInput);
+        assert_eq!(l.advance(), BackendEvent::NeedInput);
         l.feed(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] ready\r\n");
-        assert_eq!(l.next(), BackendEvent::NeedInput);
+        assert_eq!(l.advance(), BackendEvent::NeedInput);
         let sent = String::from_utf8(l.take_output()).unwrap();
         assert_eq!(
             sent,
@@ -296,7 +296,7 @@ mod tests {
             )
         );
         l.feed(b"P1 OK [CAPABILITY IMAP4rev1 IDLE UNAUTHENTICATE] Logged in\r\n* 1 EXISTS\r\n");
-        match l.next() {
+        match l.advance() {
             BackendEvent::LoggedIn(caps) => {
                 assert!(caps.iter().any(|c| c == "IDLE"));
                 assert!(caps
@@ -312,17 +312,17 @@ mod tests {
     fn continuation_login_and_capability_command() {
         let mut l = login(false);
         l.feed(b"* OK ready\r\n");
-        assert_eq!(l.next(), BackendEvent::NeedInput);
+        assert_eq!(l.advance(), BackendEvent::NeedInput);
         assert_eq!(l.take_output(), b"P1 AUTHENTICATE PLAIN\r\n");
         l.feed(b"+ \r\n");
-        assert_eq!(l.next(), BackendEvent::NeedInput);
+        assert_eq!(l.advance(), BackendEvent::NeedInput);
         assert!(l.take_output().starts_with(b"AGFsaWNl"));
         l.feed(b"P1 OK done\r\n");
-        assert_eq!(l.next(), BackendEvent::NeedInput);
+        assert_eq!(l.advance(), BackendEvent::NeedInput);
         assert_eq!(l.take_output(), b"P2 CAPABILITY\r\n");
         l.feed(b"* CAPABILITY IMAP4rev1 IDLE\r\nP2 OK done\r\n");
         assert_eq!(
-            l.next(),
+            l.advance(),
             BackendEvent::LoggedIn(vec!["IMAP4REV1".into(), "IDLE".into()])
         );
     }
@@ -336,33 +336,36 @@ mod tests {
         ] {
             let mut l = login(false);
             l.feed(greeting);
-            assert_eq!(l.next(), BackendEvent::Failed(err));
+            assert_eq!(l.advance(), BackendEvent::Failed(err));
         }
         let mut l = login(false);
         l.feed(b"* OK [CAPABILITY IMAP4rev1 SASL-IR] hi\r\nP1 NO [AUTHENTICATIONFAILED] no\r\n");
-        assert_eq!(l.next(), BackendEvent::Failed(BackendError::LoginRefused));
+        assert_eq!(
+            l.advance(),
+            BackendEvent::Failed(BackendError::LoginRefused)
+        );
         let mut l = login(false);
         l.feed(b"* OK [CAPABILITY IMAP4rev1 SASL-IR] hi\r\nX9 OK what\r\n");
-        assert_eq!(l.next(), BackendEvent::Failed(BackendError::Protocol));
+        assert_eq!(l.advance(), BackendEvent::Failed(BackendError::Protocol));
         let mut l = login(false);
         l.feed(b"* OK [CAPABILITY IMAP4rev1 SASL-IR] hi\r\n+ \r\n");
-        assert_eq!(l.next(), BackendEvent::Failed(BackendError::Protocol));
+        assert_eq!(l.advance(), BackendEvent::Failed(BackendError::Protocol));
     }
 
     #[test]
     fn starttls_then_login_without_sasl_ir() {
         let mut l = login(true);
         l.feed(b"* OK [CAPABILITY IMAP4rev1 SASL-IR STARTTLS] hi\r\n");
-        assert_eq!(l.next(), BackendEvent::NeedInput);
+        assert_eq!(l.advance(), BackendEvent::NeedInput);
         assert_eq!(l.take_output(), b"P0 STARTTLS\r\n");
         l.feed(b"P0 OK go\r\n");
-        assert_eq!(l.next(), BackendEvent::StartTls);
+        assert_eq!(l.advance(), BackendEvent::StartTls);
         l.tls_started();
         assert_eq!(l.take_output(), b"P1 AUTHENTICATE PLAIN\r\n");
         let mut l = login(true);
         l.feed(b"* OK hi\r\nP0 OK go\r\n* injected\r\n");
         assert_eq!(
-            l.next(),
+            l.advance(),
             BackendEvent::Failed(BackendError::BytesAfterStartTls)
         );
     }
@@ -376,7 +379,7 @@ mod tests {
             let mut result = None;
             for part in [&transcript[..cut], &transcript[cut..]] {
                 l.feed(part);
-                match l.next() {
+                match l.advance() {
                     BackendEvent::NeedInput => {}
                     ev => result = Some(ev),
                 }

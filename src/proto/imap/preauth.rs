@@ -247,7 +247,7 @@ impl PreAuth {
     }
 
     /// Runs the machine until the driver has something to do.
-    pub fn next(&mut self) -> Event {
+    pub fn advance(&mut self) -> Event {
         loop {
             match &self.state {
                 State::Closed => return Event::Close(Close::Logout),

@@ -28,7 +28,7 @@ fn drive(m: &mut PreAuth, chunks: &[&[u8]], answer: Option<Failure>) -> Run {
     let mut run = Run::default();
     let mut chunks = chunks.iter();
     loop {
-        let ev = m.next();
+        let ev = m.advance();
         run.out.push_str(&String::from_utf8_lossy(&m.take_output()));
         match ev {
             Event::NeedInput => match chunks.next() {

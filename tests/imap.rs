@@ -1,0 +1,433 @@
+//! IMAP end to end: stock clients (Python imaplib, curl, openssl s_client) → Portcullis → real
+//! Dovecot configured like Stalwart's `user%master`, and the negative cases of SECURITY.md.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::authhttp::{AuthHttpServer, Mode};
+use common::clients::Client;
+use common::dovecot::Dovecot;
+use common::proxy::{dev_ca, Proxy, ProxyOptions, Raw};
+
+const ALICE: &str = "alice@example.org";
+
+fn setup() -> (Dovecot, Proxy) {
+    let dovecot = Dovecot::builder().prelogin_rawlog().start();
+    let proxy = Proxy::start(ProxyOptions::file_users(
+        dovecot.imap_port(),
+        dovecot.master_secret(),
+    ));
+    (dovecot, proxy)
+}
+
+#[test]
+fn imaplib_logs_in_with_own_password_reads_and_appends_through_master_login() {
+    let (dovecot, proxy) = setup();
+    dovecot.deliver(
+        ALICE,
+        b"From: a@example.org\r\nSubject: hello\r\n\r\nfirst message\r\n",
+    );
+    let run = Client::imap(proxy.imaps)
+        .tls("implicit", &dev_ca())
+        .login("alice", "alice-password")
+        .actions(&["select", "fetch:1", "append", "search", "idle:1", "logout"])
+        .run();
+    run.assert_ok();
+    assert!(
+        run.fetched().unwrap_or_default().contains("first message"),
+        "{run:#?}"
+    );
+    assert_eq!(dovecot.message_count(ALICE, "INBOX"), 2);
+    // Post-login capabilities came from the backend (IDLE), filtered.
+    let caps = run.list("post_login_capabilities");
+    assert!(
+        caps.iter().any(|c| c.eq_ignore_ascii_case("IDLE")),
+        "{caps:?}"
+    );
+    assert!(!caps
+        .iter()
+        .any(|c| c.eq_ignore_ascii_case("UNAUTHENTICATE")));
+    // The backend saw a master login for the canonical account, in the exact form Stalwart needs.
+    assert!(dovecot.saw_master_login(ALICE));
+    assert_eq!(dovecot.direct_logins(ALICE), 0);
+    let expected = base64_plain(&format!(
+        "\0{ALICE}%proxy@example.org\0{}",
+        dovecot.master_secret()
+    ));
+    let raw = dovecot.prelogin_rawlogs();
+    assert!(
+        raw.iter()
+            .any(|r| r.input.contains(&format!("AUTHENTICATE PLAIN {expected}"))),
+        "no AUTHENTICATE PLAIN with an empty authzid in {raw:#?}"
+    );
+}
+
+fn base64_plain(s: &str) -> String {
+    portcullis::sasl::encode_challenge(s.as_bytes())
+}
+
+#[test]
+fn authenticate_plain_and_app_password_and_starttls() {
+    let (dovecot, proxy) = setup();
+    Client::imap(proxy.imaps)
+        .tls("implicit", &dev_ca())
+        .mode("authenticate-plain")
+        .login("alice@example.org", "alice-app-password")
+        .actions(&["select", "logout"])
+        .run()
+        .assert_ok();
+    Client::imap(proxy.imaps)
+        .tls("implicit", &dev_ca())
+        .mode("authenticate-plain-ir")
+        .login("bob", "bob-password")
+        .actions(&["select", "logout"])
+        .run()
+        .assert_ok();
+    Client::imap(proxy.imap_starttls)
+        .tls("starttls", &dev_ca())
+        .login("alice", "alice-password")
+        .actions(&["select", "logout"])
+        .run()
+        .assert_ok();
+    assert!(dovecot.saw_master_login("bob@example.org"));
+}
+
+#[test]
+fn curl_imaps_fetches_a_message() {
+    let (dovecot, proxy) = setup();
+    dovecot.deliver(ALICE, b"Subject: for curl\r\n\r\ncurl body\r\n");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--cacert"])
+        .arg(dev_ca())
+        .args(["--user", "alice:alice-password"])
+        .arg(format!("imaps://localhost:{}/INBOX;UID=1", proxy.imaps))
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(body.contains("curl body"), "{body}");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--cacert"])
+        .arg(dev_ca())
+        .args(["--user", "alice:wrong-password-xyz"])
+        .arg(format!("imaps://localhost:{}/INBOX;UID=1", proxy.imaps))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
+fn openssl_s_client_starttls_login() {
+    let (_dovecot, proxy) = setup();
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-quiet", "-starttls", "imap", "-CAfile"])
+        .arg(dev_ca())
+        .args(["-connect", &format!("127.0.0.1:{}", proxy.imap_starttls)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin
+            .write_all(b"a LOGIN alice alice-password\r\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        stdin.write_all(b"b SELECT INBOX\r\nc LOGOUT\r\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("a OK [CAPABILITY"), "{text}");
+    assert!(text.contains("b OK"), "{text}");
+    assert!(text.contains("c OK"), "{text}");
+}
+
+#[test]
+fn wrong_password_unknown_user_and_master_separator_look_the_same() {
+    let (dovecot, proxy) = setup();
+    let mut answers = Vec::new();
+    for (user, pass) in [
+        ("alice", "wrong-password-xyz"),
+        ("nobody-here", "wrong-password-xyz"),
+        ("\"alice%proxy@example.org\"", "master-secret-for-tests"),
+        (
+            "\"alice@example.org*proxy@example.org\"",
+            "master-secret-for-tests",
+        ),
+    ] {
+        let mut c = Raw::tls(proxy.imaps);
+        c.line();
+        c.send(format!("a LOGIN {user} {pass}\r\n").as_bytes());
+        let reply = c.until("a ");
+        answers.push(reply.last().cloned().unwrap());
+    }
+    for a in &answers {
+        assert_eq!(a, "a NO [AUTHENTICATIONFAILED] Authentication failed\r\n");
+    }
+    assert_eq!(dovecot.logins().len(), 0, "the backend saw a login attempt");
+}
+
+#[test]
+fn mismatched_plain_authzid_is_refused() {
+    let (_dovecot, proxy) = setup();
+    let mut c = Raw::tls(proxy.imaps);
+    c.line();
+    let payload = base64_plain("bob\0alice\0alice-password");
+    c.send(format!("a AUTHENTICATE PLAIN {payload}\r\n").as_bytes());
+    let reply = c.until("a ");
+    assert!(
+        reply
+            .last()
+            .unwrap()
+            .starts_with("a NO [AUTHORIZATIONFAILED]"),
+        "{reply:?}"
+    );
+}
+
+#[test]
+fn plaintext_login_before_starttls_and_pipelining_behind_starttls() {
+    let (dovecot, proxy) = setup();
+    let mut c = Raw::plain(proxy.imap_starttls);
+    let greeting = c.line().unwrap();
+    assert!(greeting.contains("LOGINDISABLED") && greeting.contains("STARTTLS"));
+    assert!(!greeting.contains("AUTH="));
+    c.send(b"a LOGIN alice alice-password\r\n");
+    assert!(c
+        .until("a ")
+        .last()
+        .unwrap()
+        .starts_with("a NO [PRIVACYREQUIRED]"));
+    c.send(b"b STARTTLS\r\nc LOGIN alice alice-password\r\n");
+    assert!(
+        c.closed(),
+        "pipelined bytes after STARTTLS must close the connection"
+    );
+    assert_eq!(dovecot.logins().len(), 0);
+    // A second STARTTLS inside TLS is refused.
+    let mut t = Raw::starttls(proxy.imap_starttls);
+    t.send(b"d STARTTLS\r\n");
+    assert!(t.until("d ").last().unwrap().starts_with("d BAD"));
+    t.send(b"e LOGIN alice alice-password\r\n");
+    assert!(t.until("e ").last().unwrap().starts_with("e OK"));
+}
+
+#[test]
+fn oversized_line_and_literals_are_refused() {
+    let (_dovecot, proxy) = setup();
+    let mut c = Raw::tls(proxy.imaps);
+    c.line();
+    let mut line = b"a LOGIN alice ".to_vec();
+    line.extend(std::iter::repeat_n(b'x', 1 << 20));
+    line.extend_from_slice(b"\r\n");
+    c.send(&line);
+    assert_eq!(
+        c.until("a ").last().unwrap(),
+        "a BAD Command line too long\r\n"
+    );
+    c.send(b"b LOGIN {4294967295}\r\n");
+    let reply = c.until("b ");
+    assert!(
+        reply.last().unwrap().starts_with("b BAD [TOOBIG]"),
+        "{reply:?}"
+    );
+    assert!(!reply.iter().any(|l| l.starts_with('+')));
+    // The third protocol error ends the connection.
+    c.send(b"c SELECT INBOX\r\n");
+    let rest = c.until("* BYE");
+    assert!(rest.iter().any(|l| l.starts_with("c BAD")), "{rest:?}");
+    assert!(c.closed());
+}
+
+#[test]
+fn unauthenticate_after_login_is_refused_locally() {
+    let (_dovecot, proxy) = setup();
+    let mut c = Raw::tls(proxy.imaps);
+    c.line();
+    c.send(b"a LOGIN alice alice-password\r\n");
+    let ok = c.until("a ");
+    assert!(ok.last().unwrap().starts_with("a OK [CAPABILITY"), "{ok:?}");
+    c.send(b"b UNAUTHENTICATE\r\nc NOOP\r\n");
+    assert_eq!(
+        c.until("b ").last().unwrap(),
+        "b NO [CANNOT] UNAUTHENTICATE is not available\r\n"
+    );
+    assert!(c.until("c ").last().unwrap().starts_with("c OK"));
+    // A second LOGIN after login never reaches the master form: the backend refuses it.
+    c.send(b"d LOGIN bob bob-password\r\n");
+    assert!(!c.until("d ").last().unwrap().starts_with("d OK"));
+}
+
+#[test]
+fn commands_pipelined_behind_login_wait_for_the_result() {
+    let (_dovecot, proxy) = setup();
+    let mut c = Raw::tls(proxy.imaps);
+    c.line();
+    c.send(b"a LOGIN alice wrong-password-xyz\r\nb SELECT INBOX\r\nc LOGIN alice alice-password\r\nd SELECT INBOX\r\n");
+    assert!(c
+        .until("a ")
+        .last()
+        .unwrap()
+        .starts_with("a NO [AUTHENTICATIONFAILED]"));
+    // b was answered locally (not logged in), never forwarded.
+    assert_eq!(c.until("b ").last().unwrap(), "b BAD Log in first\r\n");
+    assert!(c
+        .until("c ")
+        .last()
+        .unwrap()
+        .starts_with("c OK [CAPABILITY"));
+    assert!(c.until("d ").last().unwrap().starts_with("d OK"));
+}
+
+#[test]
+fn authenticator_down_slow_or_garbage_is_unavailable_not_failed() {
+    let dovecot = Dovecot::start();
+    let auth = AuthHttpServer::start(dovecot.addr(dovecot.imap_port()));
+    auth.add_account("alice", "alice-password", ALICE);
+    let proxy = Proxy::start(ProxyOptions::nginx(
+        dovecot.imap_port(),
+        dovecot.master_secret(),
+        &auth.url(),
+    ));
+    let login = |expect: &str| {
+        let mut c = Raw::tls(proxy.imaps);
+        c.line();
+        c.send(b"a LOGIN alice alice-password\r\n");
+        let last = c.until("a ").last().unwrap().clone();
+        assert!(last.starts_with(expect), "expected {expect}, got {last}");
+    };
+    login("a OK [CAPABILITY");
+    assert!(dovecot.saw_master_login(ALICE));
+    let req = &auth.requests()[0];
+    assert_eq!(req.request_line(), "GET /auth HTTP/1.0");
+    assert_eq!(req.header("Auth-Protocol").as_deref(), Some("imap"));
+    assert_eq!(req.header("Auth-SSL").as_deref(), Some("on"));
+    for mode in [
+        Mode::Down,
+        Mode::Garbage,
+        Mode::NoStatus,
+        Mode::Hangup,
+        Mode::Slow(Duration::from_secs(3)),
+    ] {
+        auth.set_mode(mode);
+        login("a NO [UNAVAILABLE]");
+    }
+    auth.set_mode(Mode::Normal);
+    login("a OK");
+}
+
+#[test]
+fn backend_refusing_the_master_login_is_unavailable() {
+    let dovecot = Dovecot::start();
+    let proxy = Proxy::start(ProxyOptions::file_users(
+        dovecot.imap_port(),
+        "not-the-master-secret",
+    ));
+    let mut c = Raw::tls(proxy.imaps);
+    c.line();
+    c.send(b"a LOGIN alice alice-password\r\n");
+    assert!(c
+        .until("a ")
+        .last()
+        .unwrap()
+        .starts_with("a NO [UNAVAILABLE]"));
+    assert!(!proxy.log().contains("not-the-master-secret"));
+}
+
+#[test]
+fn no_password_or_master_secret_in_logs_at_trace_level() {
+    let dovecot = Dovecot::start();
+    let mut opts = ProxyOptions::file_users(dovecot.imap_port(), dovecot.master_secret());
+    opts.rust_log = "trace".into();
+    let proxy = Proxy::start(opts);
+    Client::imap(proxy.imaps)
+        .tls("implicit", &dev_ca())
+        .mode("authenticate-plain")
+        .login("alice", "alice-password")
+        .actions(&["select", "logout"])
+        .run()
+        .assert_ok();
+    let mut c = Raw::tls(proxy.imaps);
+    c.line();
+    c.send(b"a LOGIN alice wrong-password-xyz\r\n");
+    c.until("a ");
+    let log = proxy.log();
+    assert!(log.contains("login accepted"), "{log}");
+    for secret in [
+        "alice-password",
+        "wrong-password-xyz",
+        dovecot.master_secret(),
+        &base64_plain("\0alice\0alice-password"),
+    ] {
+        assert!(!log.contains(secret), "{secret:?} leaked into the log");
+    }
+}
+
+#[test]
+fn strict_alpn_and_sni_default() {
+    let (_dovecot, proxy) = setup();
+    let tcp = || std::net::TcpStream::connect(("127.0.0.1", proxy.imaps)).unwrap();
+    assert!(
+        common::proxy::tls_over(tcp(), &["http/1.1"]).is_err(),
+        "foreign ALPN accepted"
+    );
+    assert!(common::proxy::tls_over(tcp(), &["imap"]).is_ok());
+    assert!(common::proxy::tls_over(tcp(), &[]).is_ok());
+    assert!(common::proxy::tls_over(tcp(), &["h2", "imap"]).is_ok());
+}
+
+#[test]
+fn sigterm_says_bye_to_sessions_still_logging_in() {
+    let (_dovecot, mut proxy) = setup();
+    let mut c = Raw::tls(proxy.imaps);
+    c.line();
+    proxy.terminate();
+    assert!(c
+        .until("* BYE")
+        .last()
+        .unwrap()
+        .starts_with("* BYE Server shutting down"));
+    assert!(
+        proxy.wait_exit(Duration::from_secs(10)),
+        "proxy did not exit"
+    );
+}
+
+#[test]
+fn check_config_names_the_bad_key() {
+    let bin = env!("CARGO_BIN_EXE_portcullis");
+    let ok = Command::new(bin)
+        .args(["check-config", "--config", "config/portcullis.toml"])
+        .current_dir(common::proxy::repo())
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(common::proxy::repo().join("config/portcullis.toml"))
+        .unwrap()
+        .replace(
+            "bind = [\"127.0.0.1:10143\"]\ntls = \"starttls\"",
+            "bind = [\"0.0.0.0:10143\"]\ntls = \"none\"",
+        );
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, text).unwrap();
+    let bad = Command::new(bin)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("listener[1].tls"), "{err}");
+}
