@@ -105,7 +105,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let server = Server::bind(config).await?;
         let shutdown = server.shutdown_token();
-        tokio::spawn(signals(shutdown, server.resolver(), path));
+        tokio::spawn(signals(shutdown, server.reloader(), path));
         server.run().await;
         anyhow::Ok(())
     })
@@ -114,7 +114,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
 #[cfg(unix)]
 async fn signals(
     shutdown: tokio_util::sync::CancellationToken,
-    resolver: Option<std::sync::Arc<portcullis::tls::SniResolver>>,
+    reloader: portcullis::server::Reloader,
     path: PathBuf,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -130,23 +130,19 @@ async fn signals(
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&resolver, &path),
+            _ = hup.recv() => reload(&reloader, &path),
         }
     }
     shutdown.cancel();
 }
 
 #[cfg(unix)]
-fn reload(resolver: &Option<std::sync::Arc<portcullis::tls::SniResolver>>, path: &std::path::Path) {
-    let result = (|| -> anyhow::Result<()> {
-        let config = Config::load(path)?;
-        if let (Some(resolver), Some(tls)) = (resolver, &config.tls) {
-            resolver.replace(portcullis::tls::CertStore::load(tls)?);
-        }
-        Ok(())
-    })();
+fn reload(reloader: &portcullis::server::Reloader, path: &std::path::Path) {
+    let result = Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|config| reloader.reload(&config));
     match result {
-        Ok(()) => tracing::info!("reloaded certificates"),
+        Ok(()) => tracing::info!("reloaded certificates and authenticator data"),
         Err(e) => tracing::error!(error = %e, "reload failed; keeping the running configuration"),
     }
 }

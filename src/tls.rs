@@ -208,3 +208,75 @@ pub fn tls_info(conn: &rustls::ServerConnection) -> TlsInfo {
         sni: conn.server_name().map(str::to_owned),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SniCertificate;
+
+    fn write_cert(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let ck = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+        let cert = dir.join(format!("{name}.pem"));
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        (cert, key)
+    }
+
+    fn store(strict: bool) -> (CertStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let (dc, dk) = write_cert(dir.path(), "default.test");
+        let (oc, ok) = write_cert(dir.path(), "imap.other.test");
+        let cfg = TlsConfig {
+            default_cert: dc,
+            default_key: dk,
+            certificates: vec![SniCertificate {
+                names: vec!["imap.other.test".into(), "*.wild.test".into()],
+                cert: oc,
+                key: ok,
+            }],
+            strict_sni: strict,
+            handshake_timeout: std::time::Duration::from_secs(1),
+        };
+        (CertStore::load(&cfg).unwrap(), dir)
+    }
+
+    #[test]
+    fn sni_picks_the_named_certificate_and_falls_back_to_the_default() {
+        let (s, _dir) = store(false);
+        let default = s.pick(None).unwrap();
+        let other = s.pick(Some("IMAP.other.test")).unwrap();
+        assert!(!Arc::ptr_eq(&default, &other));
+        assert!(Arc::ptr_eq(
+            &other,
+            &s.pick(Some("mail.wild.test")).unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            &default,
+            &s.pick(Some("a.b.wild.test")).unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            &default,
+            &s.pick(Some("unknown.test")).unwrap()
+        ));
+        let (strict, _dir) = store(true);
+        assert!(strict.pick(Some("unknown.test")).is_none());
+        assert!(strict.pick(None).is_some());
+    }
+
+    #[test]
+    fn load_errors_name_the_key_and_file() {
+        let cfg = TlsConfig {
+            default_cert: "/nonexistent/cert.pem".into(),
+            default_key: "/nonexistent/key.pem".into(),
+            certificates: vec![],
+            strict_sni: false,
+            handshake_timeout: std::time::Duration::from_secs(1),
+        };
+        let e = CertStore::load(&cfg).unwrap_err().to_string();
+        assert!(
+            e.starts_with("tls.default_cert: cannot load /nonexistent/cert.pem"),
+            "{e}"
+        );
+    }
+}

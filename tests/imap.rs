@@ -431,3 +431,109 @@ fn check_config_names_the_bad_key() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("listener[1].tls"), "{err}");
 }
+
+#[test]
+fn backend_over_tls_starttls_and_proxy_v2_and_never_downgraded() {
+    let dovecot = Dovecot::builder().tls().haproxy_listeners().start();
+    let ports = dovecot.ports();
+    let ca = dovecot.tls_ca().unwrap().display().to_string();
+    let verified = format!("tls_ca_file = \"{ca}\"\ntls_server_name = \"localhost\"");
+    let cases = [
+        (ports.imap_tls.unwrap(), "implicit", verified.clone()),
+        (ports.imap, "starttls", verified.clone()),
+        (
+            ports.imap_haproxy.unwrap(),
+            "none",
+            "proxy_protocol = \"v2\"".to_owned(),
+        ),
+    ];
+    for (port, tls, extra) in cases {
+        let mut opts = ProxyOptions::file_users(port, dovecot.master_secret());
+        opts.backend_imap_tls = tls.into();
+        opts.backend_extra = extra;
+        let proxy = Proxy::start(opts);
+        let run = Client::imap(proxy.imaps)
+            .tls("implicit", &dev_ca())
+            .login("alice", "alice-password")
+            .actions(&["select", "logout"])
+            .run();
+        assert!(run.ok(), "backend tls={tls}: {run:#?}\n{}", proxy.log());
+    }
+    assert!(dovecot.saw_master_login(ALICE));
+    // A backend certificate that does not verify is a temporary failure, never a cleartext retry.
+    let mut opts = ProxyOptions::file_users(ports.imap_tls.unwrap(), dovecot.master_secret());
+    opts.backend_imap_tls = "implicit".into();
+    opts.backend_extra = format!("tls_ca_file = \"{}\"", dev_ca().display());
+    let proxy = Proxy::start(opts);
+    let mut c = Raw::tls(proxy.imaps);
+    c.line();
+    c.send(b"a LOGIN alice alice-password\r\n");
+    assert!(c
+        .until("a ")
+        .last()
+        .unwrap()
+        .starts_with("a NO [UNAVAILABLE]"));
+}
+
+#[test]
+fn sighup_reloads_the_users_file_without_dropping_sessions() {
+    let dovecot = Dovecot::start();
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users.toml");
+    let original =
+        std::fs::read_to_string(common::proxy::repo().join("config/users.toml")).unwrap();
+    std::fs::write(&users, &original).unwrap();
+    let mut opts = ProxyOptions::file_users(dovecot.imap_port(), dovecot.master_secret());
+    opts.authenticator = format!("kind = \"file\"\nusers_file = \"{}\"\n", users.display());
+    let proxy = Proxy::start(opts);
+    let login = |user: &str| {
+        let mut c = Raw::tls(proxy.imaps);
+        c.line();
+        c.send(format!("a LOGIN {user} bob-password\r\n").as_bytes());
+        (c.until("a ").last().unwrap().clone(), c)
+    };
+    assert!(login("bobby").0.starts_with("a NO [AUTHENTICATIONFAILED]"));
+    let (ok, mut established) = login("bob");
+    assert!(ok.starts_with("a OK"));
+    std::fs::write(
+        &users,
+        original.replace("logins = [\"bob\"]", "logins = [\"bob\", \"bobby\"]"),
+    )
+    .unwrap();
+    Command::new("kill")
+        .args(["-HUP", &proxy.pid().to_string()])
+        .status()
+        .unwrap();
+    let mut reloaded = false;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        if proxy.log().contains("reloaded") {
+            reloaded = true;
+            break;
+        }
+    }
+    assert!(reloaded, "{}", proxy.log());
+    assert!(login("bobby").0.starts_with("a OK"));
+    // The session established before the reload still works.
+    established.send(b"b NOOP\r\n");
+    assert!(established.until("b ").last().unwrap().starts_with("b OK"));
+}
+
+#[test]
+fn sigterm_drains_spliced_sessions_until_the_grace_period() {
+    let (_dovecot, mut proxy) = setup();
+    let mut c = Raw::tls(proxy.imaps);
+    c.line();
+    c.send(b"a LOGIN alice alice-password\r\n");
+    assert!(c.until("a ").last().unwrap().starts_with("a OK"));
+    proxy.terminate();
+    std::thread::sleep(Duration::from_millis(300));
+    // Still served during the grace period (2 s in the test config)...
+    c.send(b"b NOOP\r\n");
+    assert!(c.until("b ").last().unwrap().starts_with("b OK"));
+    // ...new connections are no longer accepted...
+    assert!(std::net::TcpStream::connect(("127.0.0.1", proxy.imaps)).is_err());
+    // ...and after it the session is closed and the process exits.
+    assert!(proxy.wait_exit(Duration::from_secs(10)));
+    assert!(c.closed());
+}

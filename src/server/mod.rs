@@ -144,9 +144,13 @@ impl Server {
         self.shared.shutdown.clone()
     }
 
-    /// The certificate resolver, for reloads.
-    pub fn resolver(&self) -> Option<Arc<SniResolver>> {
-        self.resolver.clone()
+    /// What SIGHUP needs: the certificates and the authenticator's data, reloaded in place so
+    /// that established sessions are untouched.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            shared: self.shared.clone(),
+            resolver: self.resolver.clone(),
+        }
     }
 
     /// Serves until the shutdown token fires, then says goodbye to pre-login sessions and
@@ -180,6 +184,27 @@ impl Server {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait()).await;
         }
         info!("stopped");
+    }
+}
+
+/// Reloads certificates and the users file from a (re-read) configuration.
+pub struct Reloader {
+    shared: SharedRef,
+    resolver: Option<Arc<SniResolver>>,
+}
+
+impl Reloader {
+    /// Re-reads `config`'s certificates and asks the authenticator to reload its data. On any
+    /// error the running state is kept.
+    ///
+    /// # Errors
+    /// What failed to load.
+    pub fn reload(&self, config: &Config) -> Result<(), String> {
+        if let (Some(resolver), Some(tls)) = (&self.resolver, &config.tls) {
+            resolver.replace(CertStore::load(tls).map_err(|e| e.to_string())?);
+        }
+        self.shared.authn.reload().map_err(|e| e.to_string())?;
+        Ok(())
     }
 }
 

@@ -22,6 +22,10 @@ pub fn dev_ca() -> PathBuf {
 /// What the test wants the proxy to use.
 pub struct ProxyOptions {
     pub backend_imap_port: u16,
+    /// `none`, `starttls` or `implicit`.
+    pub backend_imap_tls: String,
+    /// Extra keys for `[backend]` (e.g. `tls_ca_file`, `proxy_protocol`).
+    pub backend_extra: String,
     pub master_secret: String,
     /// The `[authenticator]` section body (without the header).
     pub authenticator: String,
@@ -34,6 +38,8 @@ impl ProxyOptions {
     pub fn file_users(backend_imap_port: u16, master_secret: &str) -> Self {
         Self {
             backend_imap_port,
+            backend_imap_tls: "none".into(),
+            backend_extra: String::new(),
             master_secret: master_secret.to_owned(),
             authenticator: format!(
                 "kind = \"file\"\nusers_file = \"{}\"\n",
@@ -99,7 +105,8 @@ allow_plaintext_auth = true
 
 [backend]
 host = "127.0.0.1"
-imap = {{ port = {backend}, tls = "none" }}
+imap = {{ port = {backend}, tls = "{backend_tls}" }}
+{backend_extra}
 
 [master]
 user = "proxy@example.org"
@@ -117,6 +124,8 @@ failure_jitter = "0s"
             cert = certs.join("server.pem").display(),
             key = certs.join("server.key").display(),
             backend = opts.backend_imap_port,
+            backend_tls = opts.backend_imap_tls,
+            backend_extra = opts.backend_extra,
             secret = secret.display(),
             authn = opts.authenticator,
             extra = opts.extra,
