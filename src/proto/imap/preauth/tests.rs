@@ -1,3 +1,4 @@
+#[cfg(test)]
 use super::*;
 use crate::identity::IdentityError;
 use proptest::prelude::*;
@@ -446,4 +447,15 @@ proptest! {
         let r = drive(&mut m, &refs, Some(Failure::Rejected));
         prop_assert!(r.logins.is_empty());
     }
+}
+
+/// Hand-typed sessions (`openssl s_client`, `nc`) end lines with a bare LF; Dovecot and
+/// Stalwart accept that, so the proxy does too.
+#[test]
+fn bare_lf_line_endings_are_accepted() {
+    let mut m = machine(true, false);
+    m.take_output();
+    let r = drive(&mut m, &[b"a CAPABILITY\nb LOGIN alice pw\n"], None);
+    assert!(r.out.contains("a OK CAPABILITY completed"), "{}", r.out);
+    assert_eq!(r.logins, vec![Ok(("alice".to_owned(), b"pw".to_vec()))]);
 }
