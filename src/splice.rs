@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::proto::imap::framer::{CommandFramer, ResponseFramer};
+use crate::proto::imap::framer::{ClientOutput, CommandFramer, ResponseFramer};
 use crate::stream::Conn;
 
 /// Read buffer per direction. Large enough for full TLS records, small enough for many
@@ -41,10 +41,63 @@ pub struct SpliceStats {
     pub end: SpliceEnd,
 }
 
-/// Splices an IMAP session. `client_first` goes to the backend and `backend_first` to the
+/// What a protocol inspects on the client→backend direction.
+pub trait Upstream: Send {
+    /// What to forward, local replies, or abort.
+    fn push(&mut self, input: &[u8]) -> ClientOutput;
+}
+
+/// What a protocol inspects on the backend→client direction.
+pub trait Downstream: Send {
+    /// Appends what to send to the client to `out`.
+    fn push(&mut self, input: &[u8], out: &mut Vec<u8>);
+    /// Whether a local reply may be inserted now.
+    fn at_boundary(&self) -> bool;
+}
+
+/// Copies bytes unchanged (POP3, SMTP after login).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Passthrough;
+
+impl Upstream for Passthrough {
+    fn push(&mut self, input: &[u8]) -> ClientOutput {
+        ClientOutput {
+            forward: input.to_vec(),
+            ..ClientOutput::default()
+        }
+    }
+}
+
+impl Downstream for Passthrough {
+    fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(input);
+    }
+    fn at_boundary(&self) -> bool {
+        true
+    }
+}
+
+impl Upstream for CommandFramer {
+    fn push(&mut self, input: &[u8]) -> ClientOutput {
+        CommandFramer::push(self, input)
+    }
+}
+
+impl Downstream for ResponseFramer {
+    fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        ResponseFramer::push(self, input, out);
+    }
+    fn at_boundary(&self) -> bool {
+        ResponseFramer::at_boundary(self)
+    }
+}
+
+/// Splices a session, with `up` and `down` watching each direction (IMAP: [`CommandFramer`]
+/// and [`ResponseFramer`]; others: [`Passthrough`]). `client_first` goes to the backend and `backend_first` to the
 /// client before anything else (bytes already read during login). `stop` ends the splice (the
 /// server fires it when the shutdown grace period is over).
-pub async fn imap(
+pub async fn run<U: Upstream, D: Downstream>(
+    (mut up, mut down): (U, D),
     client: Conn,
     backend: Conn,
     client_first: Vec<u8>,
@@ -64,12 +117,11 @@ pub async fn imap(
 
     // client -> backend
     let upstream = async {
-        let mut framer = CommandFramer::new();
         let mut buf = vec![0u8; BUF];
         let mut pending = client_first;
         loop {
             if !pending.is_empty() {
-                let out = framer.push(&pending);
+                let out = up.push(&pending);
                 pending.clear();
                 if out.abort {
                     return SpliceEnd::ClientAbuse;
@@ -102,10 +154,9 @@ pub async fn imap(
 
     // backend -> client
     let downstream = async {
-        let mut framer = ResponseFramer::new();
         let mut buf = vec![0u8; BUF];
         let mut out = Vec::with_capacity(BUF);
-        framer.push(&backend_first, &mut out);
+        down.push(&backend_first, &mut out);
         let mut replies_open = true;
         loop {
             if !out.is_empty() {
@@ -116,7 +167,7 @@ pub async fn imap(
                 out.clear();
             }
             tokio::select! {
-                reply = reply_rx.recv(), if replies_open && framer.at_boundary() => {
+                reply = reply_rx.recv(), if replies_open && down.at_boundary() => {
                     match reply {
                         Some(reply) => out.extend_from_slice(&reply),
                         None => replies_open = false,
@@ -129,7 +180,7 @@ pub async fn imap(
                     }
                     Ok(n) => {
                         touch(&last);
-                        framer.push(&buf[..n], &mut out);
+                        down.push(&buf[..n], &mut out);
                     }
                     Err(_) => return SpliceEnd::Error,
                 }

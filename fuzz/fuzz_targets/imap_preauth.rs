@@ -65,7 +65,10 @@ fuzz_target!(|data: &[u8]| {
     let split = run(true, &[&input[..cut], &input[cut..]]);
     assert_eq!(whole, split, "answers depend on the split");
     if let Some(rest) = &whole.2 {
-        assert!(input.ends_with(rest), "leftover is not a suffix of the input");
+        assert!(
+            input.ends_with(rest),
+            "leftover is not a suffix of the input"
+        );
     }
     let plain = run(false, &[&input[..cut], &input[cut..]]);
     assert_eq!(plain.1, 0, "credentials accepted on a cleartext connection");

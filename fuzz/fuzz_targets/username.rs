@@ -7,7 +7,9 @@ use portcullis::identity::{IdentityRules, LogName};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(s) = IdentityRules::default().validate(data) {
-        assert!(!s.bytes().any(|b| b < 0x20 || b == 0x7f || b"%* \"\\".contains(&b)));
+        assert!(!s
+            .bytes()
+            .any(|b| b < 0x20 || b == 0x7f || b"%* \"\\".contains(&b)));
     }
     let shown = LogName(data).to_string();
     assert!(!shown.contains('\n') && !shown.contains('\r'));

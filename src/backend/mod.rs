@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 
 use crate::config::{BackendConfig, BackendService, BackendTls, ProxyProtocol};
 use crate::proto::imap::{BackendError, BackendEvent, BackendLogin};
+use crate::proto::prelogin::BackendMachine;
 use crate::secret::Secret;
 use crate::stream::Conn;
 
@@ -122,15 +123,41 @@ impl Connector {
         Ok(Conn::Client(Box::new(tls)))
     }
 
-    /// Connects to the IMAP backend and logs in as `account` through the master user.
+    /// The master login for `account` in IMAP.
+    pub fn imap_machine(&self, account: &str, service: BackendService) -> BackendLogin {
+        BackendLogin::new(
+            account,
+            &self.master_user,
+            &self.separator,
+            &self.master_secret,
+            service.tls == BackendTls::Starttls,
+        )
+    }
+
+    /// The master login for `account` in POP3.
+    pub fn pop3_machine(
+        &self,
+        account: &str,
+        service: BackendService,
+    ) -> crate::proto::pop3::Pop3BackendLogin {
+        crate::proto::pop3::Pop3BackendLogin::new(
+            account,
+            &self.master_user,
+            &self.separator,
+            &self.master_secret,
+            service.tls == BackendTls::Starttls,
+        )
+    }
+
+    /// Connects to the backend service and runs `login` (a protocol's master-login machine).
     ///
     /// # Errors
     /// Any [`ConnectError`]; the session answers the client with a temporary failure.
-    pub async fn imap_login(
+    pub async fn login<B: BackendMachine>(
         &self,
         service: BackendService,
         facts: &ClientFacts,
-        account: &str,
+        mut login: B,
     ) -> Result<LoggedIn, ConnectError> {
         let work = async {
             let tcp = self.tcp(service, facts).await?;
@@ -138,13 +165,6 @@ impl Connector {
                 BackendTls::Implicit => self.upgrade(tcp).await?,
                 _ => Conn::Plain(tcp),
             };
-            let mut login = BackendLogin::new(
-                account,
-                &self.master_user,
-                &self.separator,
-                &self.master_secret,
-                service.tls == BackendTls::Starttls,
-            );
             let mut buf = vec![0u8; 4096];
             loop {
                 let ev = login.advance();

@@ -419,7 +419,7 @@ impl Config {
             if l.protocol == Protocol::Http && l.tls == ListenerTls::Starttls {
                 return Err(invalid(key("tls"), "http has no STARTTLS"));
             }
-            if !matches!(l.protocol, Protocol::Imap) {
+            if !matches!(l.protocol, Protocol::Imap | Protocol::Pop3) {
                 return Err(invalid(
                     key("protocol"),
                     format!("{} is not implemented yet", l.protocol.label()),

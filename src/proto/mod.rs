@@ -2,6 +2,9 @@
 //! every parser can be unit-tested, property-tested and fuzzed without sockets.
 
 pub mod imap;
+pub mod line;
+pub mod pop3;
+pub mod prelogin;
 
 /// True if `line` looks like an HTTP request line (`GET / HTTP/1.1`). A mail port that receives
 /// one closes the connection at once (cross-protocol attacks).

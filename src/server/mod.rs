@@ -269,8 +269,10 @@ async fn accept_loop(
                 _ => (Conn::Plain(tcp), None),
             };
             // Configuration validation admits only implemented protocols.
-            if ctx.protocol == Protocol::Imap {
-                crate::session::imap::run(shared, ctx, conn_ctx, conn, tls).await;
+            match ctx.protocol {
+                Protocol::Imap => crate::session::imap::run(shared, ctx, conn_ctx, conn, tls).await,
+                Protocol::Pop3 => crate::session::pop3::run(shared, ctx, conn_ctx, conn, tls).await,
+                Protocol::Submission | Protocol::ManageSieve | Protocol::Http => {}
             }
         });
     }

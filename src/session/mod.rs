@@ -15,6 +15,8 @@ use crate::identity::IdentityRules;
 use crate::Protocol;
 
 pub mod imap;
+pub mod pop3;
+pub mod runner;
 
 /// Services every session shares.
 pub struct Shared {

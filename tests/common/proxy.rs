@@ -22,6 +22,8 @@ pub fn dev_ca() -> PathBuf {
 /// What the test wants the proxy to use.
 pub struct ProxyOptions {
     pub backend_imap_port: u16,
+    /// Dovecot's POP3 port (0: no POP3 listeners).
+    pub backend_pop3_port: u16,
     /// `none`, `starttls` or `implicit`.
     pub backend_imap_tls: String,
     /// Extra keys for `[backend]` (e.g. `tls_ca_file`, `proxy_protocol`).
@@ -38,6 +40,7 @@ impl ProxyOptions {
     pub fn file_users(backend_imap_port: u16, master_secret: &str) -> Self {
         Self {
             backend_imap_port,
+            backend_pop3_port: 0,
             backend_imap_tls: "none".into(),
             backend_extra: String::new(),
             master_secret: master_secret.to_owned(),
@@ -67,6 +70,9 @@ pub struct Proxy {
     pub imap_starttls: u16,
     /// IMAP without TLS, plaintext auth allowed (loopback test listener).
     pub imap_plain: u16,
+    /// POP3 with implicit TLS and with STLS (0 when not configured).
+    pub pop3s: u16,
+    pub pop3_starttls: u16,
 }
 
 impl Proxy {
@@ -75,6 +81,26 @@ impl Proxy {
         let secret = dir.path().join("master.secret");
         std::fs::write(&secret, format!("{}\n", opts.master_secret)).unwrap();
         let (imaps, imap_starttls, imap_plain) = (free_port(), free_port(), free_port());
+        let (pop3s, pop3_starttls) = if opts.backend_pop3_port != 0 {
+            (free_port(), free_port())
+        } else {
+            (0, 0)
+        };
+        let pop3 = if opts.backend_pop3_port != 0 {
+            format!(
+                "[[listener]]\nprotocol = \"pop3\"\nbind = [\"127.0.0.1:{pop3s}\"]\ntls = \"implicit\"\n\n[[listener]]\nprotocol = \"pop3\"\nbind = [\"127.0.0.1:{pop3_starttls}\"]\ntls = \"starttls\"\n"
+            )
+        } else {
+            String::new()
+        };
+        let pop3_backend = if opts.backend_pop3_port != 0 {
+            format!(
+                "pop3 = {{ port = {}, tls = \"none\" }}",
+                opts.backend_pop3_port
+            )
+        } else {
+            String::new()
+        };
         let certs = repo().join("certs-dev");
         let config = format!(
             r#"
@@ -103,8 +129,11 @@ bind = ["127.0.0.1:{imap_plain}"]
 tls = "none"
 allow_plaintext_auth = true
 
+{pop3}
+
 [backend]
 host = "127.0.0.1"
+{pop3_backend}
 imap = {{ port = {backend}, tls = "{backend_tls}" }}
 {backend_extra}
 
@@ -147,8 +176,13 @@ failure_jitter = "0s"
             imaps,
             imap_starttls,
             imap_plain,
+            pop3s,
+            pop3_starttls,
         };
-        for port in [imaps, imap_starttls, imap_plain] {
+        for port in [imaps, imap_starttls, imap_plain, pop3s, pop3_starttls] {
+            if port == 0 {
+                continue;
+            }
             assert!(
                 wait_for_port(port, Duration::from_secs(10)),
                 "portcullis did not listen on {port}; log:\n{}",
@@ -259,10 +293,14 @@ impl Raw {
     }
 
     pub fn tls(port: u16) -> Raw {
+        Raw::tls_alpn(port, &["imap"])
+    }
+
+    pub fn tls_alpn(port: u16, alpn: &[&str]) -> Raw {
         let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         Raw {
-            stream: Box::new(tls_over(tcp, &["imap"]).unwrap()),
+            stream: Box::new(tls_over(tcp, alpn).unwrap()),
             buf: Vec::new(),
         }
     }

@@ -259,6 +259,24 @@ impl BackendLogin {
     }
 }
 
+impl crate::proto::prelogin::BackendMachine for BackendLogin {
+    fn advance(&mut self) -> BackendEvent {
+        BackendLogin::advance(self)
+    }
+    fn feed(&mut self, bytes: &[u8]) {
+        BackendLogin::feed(self, bytes);
+    }
+    fn take_output(&mut self) -> Vec<u8> {
+        BackendLogin::take_output(self)
+    }
+    fn tls_started(&mut self) {
+        BackendLogin::tls_started(self);
+    }
+    fn take_leftover(self) -> Vec<u8> {
+        BackendLogin::take_leftover(self)
+    }
+}
+
 fn names(caps: &[impl std::fmt::Display]) -> Vec<String> {
     caps.iter().map(|c| c.to_string()).collect()
 }

@@ -5,8 +5,9 @@ mod backend;
 pub mod framer;
 mod preauth;
 
+pub use crate::proto::prelogin::{Close, Event, Failure, Refusal};
 pub use backend::{BackendError, BackendEvent, BackendLogin};
-pub use preauth::{Close, Event, Failure, ImapLimits, PreAuth, PreAuthOptions, Refusal};
+pub use preauth::{ImapLimits, PreAuth, PreAuthOptions};
 
 /// Capabilities the proxy removes from what the backend offers after login: UNAUTHENTICATE
 /// would hand the client the backend's own login; the rest only the proxy decides.

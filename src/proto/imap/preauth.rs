@@ -14,6 +14,7 @@ use imap_codec::imap_types::core::LiteralMode;
 use imap_codec::{AuthenticateDataCodec, CommandCodec};
 
 use crate::identity::IdentityRules;
+use crate::proto::prelogin::{Close, Event, Failure, PreLogin, Refusal};
 use crate::sasl::{self, Credentials, Exchange, Mechanism, SaslError, Step};
 
 /// Bounds on what a client may send before login (SECURITY.md defaults).
@@ -65,53 +66,6 @@ pub struct PreAuthOptions {
     /// Accept credentials on cleartext (loopback test listeners only).
     pub allow_plaintext_auth: bool,
     pub rules: IdentityRules,
-}
-
-/// Why a login attempt was refused before anyone was asked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
-    /// The username broke the identity rules (e.g. contained the master separator).
-    Identity(crate::identity::IdentityError),
-    /// An empty password.
-    EmptyPassword,
-}
-
-/// What the driver must do next.
-#[derive(Debug)]
-pub enum Event {
-    /// Flush output, then read from the client and call [`PreAuth::feed`].
-    NeedInput,
-    /// Flush output, upgrade the connection to TLS, then call [`PreAuth::tls_started`].
-    StartTls,
-    /// Check these credentials (or apply the failure path for a refusal), then call
-    /// [`PreAuth::login_succeeded`] or [`PreAuth::login_failed`]. Nothing else is read meanwhile.
-    Login {
-        attempt: u32,
-        credentials: Result<Credentials, (Refusal, String)>,
-    },
-    /// Flush output, then close the connection.
-    Close(Close),
-}
-
-/// Why the machine ends the connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Close {
-    Logout,
-    TooManyErrors,
-    TooManyFailures,
-    PipelinedStartTls,
-    HttpOnMailPort,
-    LiteralTooLarge,
-    Shutdown,
-}
-
-/// How a login attempt ended, from the client's point of view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    /// Wrong credentials, unknown user, banned, refused name: all look the same.
-    Rejected,
-    /// The authenticator or backend could not decide: `NO [UNAVAILABLE]`, not counted.
-    Temporary,
 }
 
 #[derive(Debug)]
@@ -636,6 +590,42 @@ fn printable(v: &[u8], max: usize) -> String {
 
 fn log_name(raw: &[u8]) -> String {
     crate::identity::LogName(raw).to_string()
+}
+
+impl PreLogin for PreAuth {
+    fn greet(&mut self) {
+        PreAuth::greet(self);
+    }
+    fn advance(&mut self) -> Event {
+        PreAuth::advance(self)
+    }
+    fn feed(&mut self, bytes: &[u8]) {
+        PreAuth::feed(self, bytes);
+    }
+    fn take_output(&mut self) -> Vec<u8> {
+        PreAuth::take_output(self)
+    }
+    fn tls_started(&mut self) {
+        PreAuth::tls_started(self);
+    }
+    fn timed_out(&mut self) {
+        PreAuth::timed_out(self);
+    }
+    fn shutdown(&mut self) -> Event {
+        PreAuth::shutdown(self)
+    }
+    fn login_succeeded(&mut self, capabilities: &[String]) {
+        PreAuth::login_succeeded(self, capabilities);
+    }
+    fn login_failed(&mut self, failure: Failure) -> Option<Event> {
+        PreAuth::login_failed(self, failure)
+    }
+    fn take_leftover(self) -> Option<Vec<u8>> {
+        PreAuth::take_leftover(self)
+    }
+    fn client_id(&self) -> Option<&str> {
+        PreAuth::client_id(self)
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,92 @@
+//! What every protocol's pre-login machine shares: the events a driver acts on and the trait
+//! the one session runner drives. Each protocol decides its own bytes; the phase order
+//! (read, STARTTLS, authenticate, backend login, splice) is written once, in `session`.
+
+use crate::sasl::Credentials;
+
+/// Why a login attempt was refused before anyone was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The username broke the identity rules (e.g. contained the master separator).
+    Identity(crate::identity::IdentityError),
+    /// An empty password.
+    EmptyPassword,
+}
+
+/// What the driver must do next.
+#[derive(Debug)]
+pub enum Event {
+    /// Flush output, then read from the client and call [`PreAuth::feed`].
+    NeedInput,
+    /// Flush output, upgrade the connection to TLS, then call [`PreAuth::tls_started`].
+    StartTls,
+    /// Check these credentials (or apply the failure path for a refusal), then call
+    /// [`PreAuth::login_succeeded`] or [`PreAuth::login_failed`]. Nothing else is read meanwhile.
+    Login {
+        attempt: u32,
+        credentials: Result<Credentials, (Refusal, String)>,
+    },
+    /// Flush output, then close the connection.
+    Close(Close),
+}
+
+/// Why the machine ends the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    Logout,
+    TooManyErrors,
+    TooManyFailures,
+    PipelinedStartTls,
+    HttpOnMailPort,
+    LiteralTooLarge,
+    Shutdown,
+}
+
+/// How a login attempt ended, from the client's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Wrong credentials, unknown user, banned, refused name: all look the same.
+    Rejected,
+    /// The authenticator or backend could not decide: `NO [UNAVAILABLE]`, not counted.
+    Temporary,
+}
+
+/// A protocol's pre-login state machine, as the session runner drives it.
+pub trait PreLogin: Send {
+    /// Queues the greeting. Call once, first.
+    fn greet(&mut self);
+    /// Runs until the driver has something to do; then write [`PreLogin::take_output`].
+    fn advance(&mut self) -> Event;
+    /// Adds client bytes. Only after [`Event::NeedInput`].
+    fn feed(&mut self, bytes: &[u8]);
+    fn take_output(&mut self) -> Vec<u8>;
+    /// STARTTLS finished: forget everything learnt in the clear.
+    fn tls_started(&mut self);
+    /// Queues the goodbye for a pre-login timeout.
+    fn timed_out(&mut self);
+    /// Queues the goodbye for a server shutdown.
+    fn shutdown(&mut self) -> Event;
+    /// Queues the success reply, with the backend's (filtered) capabilities where the protocol
+    /// sends them.
+    fn login_succeeded(&mut self, capabilities: &[String]);
+    /// Queues the failure reply; `Some(Close)` when the connection must end.
+    fn login_failed(&mut self, failure: Failure) -> Option<Event>;
+    /// Bytes pipelined after the login command, to forward; `None` if over the bound.
+    fn take_leftover(self) -> Option<Vec<u8>>
+    where
+        Self: Sized;
+    /// What the client said it is, if anything.
+    fn client_id(&self) -> Option<&str>;
+}
+
+/// A protocol's backend master-login machine, as the backend connector drives it.
+pub trait BackendMachine: Send {
+    fn advance(&mut self) -> crate::proto::imap::BackendEvent;
+    fn feed(&mut self, bytes: &[u8]);
+    fn take_output(&mut self) -> Vec<u8>;
+    fn tls_started(&mut self);
+    /// Backend bytes read past the login reply.
+    fn take_leftover(self) -> Vec<u8>
+    where
+        Self: Sized;
+}
