@@ -672,6 +672,29 @@ struct Idle {
 }
 
 /// Sends pre-built requests to one endpoint, reusing connections the server allows to keep.
+/// What the `nginx` and `json` authenticators share: the client, the static headers (often a
+/// shared secret, so `Debug` names them and never shows their values) and the keep-alive choice.
+pub struct Service {
+    pub client: HttpClient,
+    pub static_headers: Vec<(String, String)>,
+    pub keepalive: bool,
+}
+
+impl fmt::Debug for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self
+            .static_headers
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        f.debug_struct("Service")
+            .field("client", &self.client)
+            .field("static_headers", &names)
+            .field("keepalive", &self.keepalive)
+            .finish()
+    }
+}
+
 pub struct HttpClient {
     endpoint: Endpoint,
     tls: Option<(TlsConnector, ServerName<'static>)>,

@@ -5,14 +5,13 @@
 //! authenticator, only an unambiguous `{"status":"ok","account":…}` accepts, and anything unclear is
 //! a temporary failure, never "wrong password".
 
-use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use zeroize::Zeroizing;
 
-use super::http::{Endpoint, HttpClient, Response};
+use super::http::{Endpoint, HttpClient, Response, Service};
 use super::nginx::{protocol_label, sanitize_reason, withhold_echo, MAX_AUTH_WAIT};
 use super::{AuthRequest, Authenticator, Verdict, VerdictFuture};
 
@@ -182,26 +181,9 @@ impl ClassifyLabel for serde_json::Error {
 }
 
 /// The `json` authenticator.
+#[derive(Debug)]
 pub struct JsonAuth {
-    client: HttpClient,
-    static_headers: Vec<(String, String)>,
-    keepalive: bool,
-}
-
-impl fmt::Debug for JsonAuth {
-    /// Static headers are named, never shown: they often carry a shared secret.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<&str> = self
-            .static_headers
-            .iter()
-            .map(|(n, _)| n.as_str())
-            .collect();
-        f.debug_struct("JsonAuth")
-            .field("client", &self.client)
-            .field("static_headers", &names)
-            .field("keepalive", &self.keepalive)
-            .finish()
-    }
+    service: Service,
 }
 
 impl JsonAuth {
@@ -209,24 +191,26 @@ impl JsonAuth {
     /// [`super::http::validate_static_headers`] against [`RESERVED_HEADERS`].
     pub fn new(client: HttpClient, static_headers: Vec<(String, String)>, keepalive: bool) -> Self {
         Self {
-            client,
-            static_headers,
-            keepalive,
+            service: Service {
+                client,
+                static_headers,
+                keepalive,
+            },
         }
     }
 
     async fn decide(&self, req: &AuthRequest) -> Verdict {
         let request = match build_request(
-            self.client.endpoint(),
-            &self.static_headers,
-            self.keepalive,
+            self.service.client.endpoint(),
+            &self.service.static_headers,
+            self.service.keepalive,
             req,
         ) {
             Ok(r) => r,
             Err(e @ RequestError::PasswordNotUtf8) => return Verdict::reject(e.to_string()),
             Err(e) => return Verdict::temp(format!("json: {e}")),
         };
-        match self.client.send(&request).await {
+        match self.service.client.send(&request).await {
             Ok(resp) => {
                 let verdict = match interpret(&resp) {
                     Verdict::Reject { reason, wait } => Verdict::Reject {
@@ -239,12 +223,12 @@ impl JsonAuth {
                     accept => accept,
                 };
                 if let Verdict::TempFail { reason } = &verdict {
-                    tracing::warn!(endpoint = %self.client.endpoint(), %reason, "json authenticator reply unusable");
+                    tracing::warn!(endpoint = %self.service.client.endpoint(), %reason, "json authenticator reply unusable");
                 }
                 verdict
             }
             Err(e) => {
-                tracing::warn!(endpoint = %self.client.endpoint(), error = %e, "json authenticator request failed");
+                tracing::warn!(endpoint = %self.service.client.endpoint(), error = %e, "json authenticator request failed");
                 Verdict::temp(format!("json: {e}"))
             }
         }
@@ -451,7 +435,13 @@ mod tests {
         let sent = server.requests();
         assert_eq!(
             sent[0],
-            *build_request(a.client.endpoint(), &a.static_headers, false, &req).unwrap()
+            *build_request(
+                a.service.client.endpoint(),
+                &a.service.static_headers,
+                false,
+                &req
+            )
+            .unwrap()
         );
     }
 
@@ -485,7 +475,7 @@ mod tests {
         }
         assert_eq!(server.requests().len(), 3);
         assert_eq!(server.connections(), 1);
-        assert_eq!(a.client.idle_count(), 1);
+        assert_eq!(a.service.client.idle_count(), 1);
     }
 
     #[tokio::test]

@@ -10,12 +10,11 @@
 //! unparsable `Auth-Wait`, a temporary SMTP error code) is a temporary failure, never "wrong
 //! password", so a broken authenticator cannot get users banned.
 
-use std::fmt;
 use std::time::Duration;
 
 use zeroize::Zeroizing;
 
-use super::http::{Endpoint, HttpClient, Response};
+use super::http::{Endpoint, HttpClient, Response, Service};
 use super::{AuthRequest, Authenticator, Verdict, VerdictFuture};
 use crate::sasl::Mechanism;
 use crate::Protocol;
@@ -320,26 +319,9 @@ fn interpret_inner(resp: &Response) -> Result<Reply, String> {
 }
 
 /// The `nginx` authenticator.
+#[derive(Debug)]
 pub struct NginxAuth {
-    client: HttpClient,
-    static_headers: Vec<(String, String)>,
-    keepalive: bool,
-}
-
-impl fmt::Debug for NginxAuth {
-    /// Static headers are named, never shown: they often carry a shared secret.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<&str> = self
-            .static_headers
-            .iter()
-            .map(|(n, _)| n.as_str())
-            .collect();
-        f.debug_struct("NginxAuth")
-            .field("client", &self.client)
-            .field("static_headers", &names)
-            .field("keepalive", &self.keepalive)
-            .finish()
-    }
+    service: Service,
 }
 
 impl NginxAuth {
@@ -347,25 +329,27 @@ impl NginxAuth {
     /// [`super::http::validate_static_headers`] against [`RESERVED_HEADERS`].
     pub fn new(client: HttpClient, static_headers: Vec<(String, String)>, keepalive: bool) -> Self {
         Self {
-            client,
-            static_headers,
-            keepalive,
+            service: Service {
+                client,
+                static_headers,
+                keepalive,
+            },
         }
     }
 
     async fn decide(&self, req: &AuthRequest) -> Verdict {
         let request = build_request(
-            self.client.endpoint(),
-            &self.static_headers,
-            self.keepalive,
+            self.service.client.endpoint(),
+            &self.service.static_headers,
+            self.service.keepalive,
             req,
         );
         let mut rounds = 0;
         loop {
-            let resp = match self.client.send(&request).await {
+            let resp = match self.service.client.send(&request).await {
                 Ok(resp) => resp,
                 Err(e) => {
-                    tracing::warn!(endpoint = %self.client.endpoint(), error = %e, "auth_http request failed");
+                    tracing::warn!(endpoint = %self.service.client.endpoint(), error = %e, "auth_http request failed");
                     return Verdict::temp(format!("auth_http: {e}"));
                 }
             };
@@ -381,7 +365,7 @@ impl NginxAuth {
                 }
                 Reply::TempFail { reason } => {
                     let reason = withhold_echo(reason, req.secret.expose());
-                    tracing::warn!(endpoint = %self.client.endpoint(), %reason, "auth_http reply unusable");
+                    tracing::warn!(endpoint = %self.service.client.endpoint(), %reason, "auth_http reply unusable");
                     return Verdict::temp(format!("auth_http: {reason}"));
                 }
                 Reply::Wait(delay) => {
@@ -623,7 +607,12 @@ mod tests {
         assert!(sent[0].starts_with(b"GET /auth HTTP/1.0\r\nHost: 127.0.0.1:"));
         assert_eq!(
             sent[0],
-            *build_request(a.client.endpoint(), &a.static_headers, false, &req)
+            *build_request(
+                a.service.client.endpoint(),
+                &a.service.static_headers,
+                false,
+                &req
+            )
         );
     }
 
