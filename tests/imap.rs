@@ -537,3 +537,40 @@ fn sigterm_drains_spliced_sessions_until_the_grace_period() {
     assert!(proxy.wait_exit(Duration::from_secs(10)));
     assert!(c.closed());
 }
+
+#[test]
+fn per_ip_connection_cap_closes_without_greeting_and_spares_other_ips() {
+    let dovecot = Dovecot::start();
+    let mut opts = ProxyOptions::file_users(dovecot.imap_port(), dovecot.master_secret());
+    opts.per_ip_connections = 2;
+    let proxy = Proxy::start(opts);
+    let mut a = Raw::plain(proxy.imap_plain);
+    let mut b = Raw::plain(proxy.imap_plain);
+    assert!(a.line().unwrap().starts_with("* OK"));
+    assert!(b.line().unwrap().starts_with("* OK"));
+    let mut c = Raw::plain(proxy.imap_plain);
+    assert!(c.closed(), "third connection from one IP got a greeting");
+    // Another client address is still served.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let greeting = rt.block_on(async {
+        use tokio::io::AsyncReadExt;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut s = socket
+            .connect(format!("127.0.0.1:{}", proxy.imap_plain).parse().unwrap())
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    assert!(greeting.starts_with("* OK"), "{greeting}");
+    // A slot is given back when a connection ends.
+    drop(a);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut d = Raw::plain(proxy.imap_plain);
+    assert!(d.line().unwrap().starts_with("* OK"));
+}

@@ -319,6 +319,10 @@ pub struct LimitsConfig {
     pub session_idle: Duration,
     /// Connections open at once across all listeners; over it, closed without a greeting.
     pub max_connections: usize,
+    /// Connections open at once from one IPv4 address or IPv6 /64.
+    pub per_ip_connections: u32,
+    /// New connections per minute from one IPv4 address or IPv6 /64.
+    pub per_ip_new_per_minute: u32,
 }
 
 impl Default for LimitsConfig {
@@ -333,6 +337,8 @@ impl Default for LimitsConfig {
             preauth_deadline: Duration::from_secs(60),
             session_idle: Duration::from_secs(35 * 60),
             max_connections: 20_000,
+            per_ip_connections: 20,
+            per_ip_new_per_minute: 60,
         }
     }
 }
@@ -492,6 +498,12 @@ impl Config {
         }
         if l.max_auth_failures == 0 || l.max_protocol_errors == 0 {
             return Err(invalid("limits.max_auth_failures", "must be at least 1"));
+        }
+        if l.per_ip_connections == 0 || l.per_ip_new_per_minute == 0 {
+            return Err(invalid(
+                "limits.per_ip_connections",
+                "per-IP caps must be at least 1",
+            ));
         }
         if l.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be at least 1"));

@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+pub mod limiter;
+
 use crate::authn::Checked;
 use crate::backend::Connector;
 use crate::config::{Config, ListenerTls};
@@ -158,6 +160,8 @@ impl Server {
     pub async fn run(self) {
         let tracker = TaskTracker::new();
         let permits = Arc::new(Semaphore::new(self.shared.config.limits.max_connections));
+        let limits = &self.shared.config.limits;
+        let per_ip = limiter::Limiter::new(limits.per_ip_connections, limits.per_ip_new_per_minute);
         let ids = Arc::new(AtomicU64::new(0));
         for (listener, ctx) in self.listeners {
             if let Ok(addr) = listener.local_addr() {
@@ -168,6 +172,7 @@ impl Server {
                 ctx,
                 self.shared.clone(),
                 permits.clone(),
+                per_ip.clone(),
                 tracker.clone(),
                 ids.clone(),
             ));
@@ -213,6 +218,7 @@ async fn accept_loop(
     ctx: ListenerCtx,
     shared: SharedRef,
     permits: Arc<Semaphore>,
+    per_ip: Arc<limiter::Limiter>,
     tracker: TaskTracker,
     ids: Arc<AtomicU64>,
 ) {
@@ -237,6 +243,14 @@ async fn accept_loop(
             drop(tcp);
             continue;
         };
+        let slot = match per_ip.admit(client.ip(), std::time::Instant::now()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                debug!(peer = %client, cap = ?why, "per-IP connection cap reached; closing without greeting");
+                drop(tcp);
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let n = ids.fetch_add(1, Ordering::Relaxed);
         let conn_ctx = ConnCtx {
@@ -249,6 +263,7 @@ async fn accept_loop(
         let ctx = ctx.clone();
         tracker.spawn(async move {
             let _permit = permit;
+            let _slot = slot;
             let (conn, tls) = match (ctx.tls, &ctx.acceptor) {
                 (ListenerTls::Implicit, Some(acceptor)) => {
                     match tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await {

@@ -34,6 +34,8 @@ pub struct ProxyOptions {
     /// Extra TOML appended to the file.
     pub extra: String,
     pub rust_log: String,
+    /// `limits.per_ip_connections`.
+    pub per_ip_connections: u32,
 }
 
 impl ProxyOptions {
@@ -50,6 +52,7 @@ impl ProxyOptions {
             ),
             extra: String::new(),
             rust_log: "portcullis=debug".into(),
+            per_ip_connections: 50,
         }
     }
 
@@ -148,6 +151,10 @@ secret_file = "{secret}"
 failure_delay = "0s"
 failure_jitter = "0s"
 
+[limits]
+per_ip_connections = {per_ip}
+per_ip_new_per_minute = 10000
+
 {extra}
 "#,
             cert = certs.join("server.pem").display(),
@@ -158,6 +165,7 @@ failure_jitter = "0s"
             secret = secret.display(),
             authn = opts.authenticator,
             extra = opts.extra,
+            per_ip = opts.per_ip_connections,
         );
         let path = dir.path().join("portcullis.toml");
         std::fs::write(&path, config).unwrap();
