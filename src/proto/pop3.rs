@@ -340,18 +340,11 @@ impl Pop3BackendLogin {
         secret: &Secret,
         starttls: bool,
     ) -> Self {
-        let mut raw = zeroize::Zeroizing::new(Vec::new());
-        raw.push(0);
-        raw.extend_from_slice(account.as_bytes());
-        raw.extend_from_slice(separator.as_bytes());
-        raw.extend_from_slice(master.as_bytes());
-        raw.push(0);
-        raw.extend_from_slice(secret.expose());
         Self {
             lines: LineBuffer::new(),
             state: BackendState::Greeting,
             starttls,
-            payload: zeroize::Zeroizing::new(sasl::encode_challenge(&raw)),
+            payload: crate::sasl::master_plain(account, master, separator, secret),
             out: Vec::new(),
         }
     }

@@ -132,6 +132,27 @@ pub fn decode_response(line: &[u8]) -> Result<Response, SaslError> {
     Ok(Response::Data(out))
 }
 
+/// The base64 PLAIN payload of a master login, for every protocol's backend leg:
+/// `\0<account><separator><master>\0<secret>`. The authorization identity stays empty because
+/// Stalwart ignores it and would log in as the master itself.
+pub fn master_plain(
+    account: &str,
+    master: &str,
+    separator: &str,
+    secret: &Secret,
+) -> Zeroizing<String> {
+    let mut raw = Zeroizing::new(Vec::with_capacity(
+        account.len() + separator.len() + master.len() + secret.len() + 2,
+    ));
+    raw.push(0);
+    raw.extend_from_slice(account.as_bytes());
+    raw.extend_from_slice(separator.as_bytes());
+    raw.extend_from_slice(master.as_bytes());
+    raw.push(0);
+    raw.extend_from_slice(secret.expose());
+    Zeroizing::new(encode_challenge(&raw))
+}
+
 /// Encodes a challenge for protocols that send base64 lines.
 pub fn encode_challenge(raw: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(raw)

@@ -80,21 +80,12 @@ impl BackendLogin {
         secret: &Secret,
         starttls: bool,
     ) -> Self {
-        let mut raw = Zeroizing::new(Vec::with_capacity(
-            account.len() + master.len() + secret.len() + 3,
-        ));
-        raw.push(0);
-        raw.extend_from_slice(account.as_bytes());
-        raw.extend_from_slice(separator.as_bytes());
-        raw.extend_from_slice(master.as_bytes());
-        raw.push(0);
-        raw.extend_from_slice(secret.expose());
         Self {
             frag: Fragmentizer::new(MAX_RESPONSE),
             state: State::Greeting,
             starttls,
             sasl_ir: false,
-            payload: Zeroizing::new(crate::sasl::encode_challenge(&raw)),
+            payload: crate::sasl::master_plain(account, master, separator, secret),
             caps: Vec::new(),
             out: Vec::new(),
         }
