@@ -1,6 +1,8 @@
 //! Reaching the backend (Stalwart): TCP with a deadline, PROXY v2 with the real client address,
 //! TLS or STARTTLS with certificate verification, then the per-protocol master login.
 
+pub mod learned;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +57,8 @@ pub struct Connector {
     master_user: String,
     separator: String,
     master_secret: Secret,
+    /// The name the proxy gives itself on the backend leg (SMTP `EHLO`).
+    helo_name: String,
 }
 
 /// A logged-in backend connection.
@@ -93,13 +97,16 @@ impl Connector {
             master_user: master_user.to_owned(),
             separator: separator.to_owned(),
             master_secret,
+            helo_name: "localhost".into(),
         })
     }
 
+    /// Connects; `facts` is the client the PROXY header names (`None`: the proxy's own
+    /// connection, sent as a v2 `LOCAL` header).
     async fn tcp(
         &self,
         service: BackendService,
-        facts: &ClientFacts,
+        facts: Option<&ClientFacts>,
     ) -> Result<TcpStream, ConnectError> {
         let target = (self.host.as_str(), service.port);
         let mut tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(target))
@@ -108,10 +115,21 @@ impl Connector {
             .map_err(ConnectError::Connect)?;
         tcp.set_nodelay(true).map_err(ConnectError::Io)?;
         if self.proxy_protocol == ProxyProtocol::V2 {
-            let header = proxy_v2_header(facts).map_err(ConnectError::Io)?;
+            let header = match facts {
+                Some(facts) => proxy_v2_header(facts),
+                None => proxy_v2_local_header(),
+            }
+            .map_err(ConnectError::Io)?;
             tcp.write_all(&header).await.map_err(ConnectError::Io)?;
         }
         Ok(tcp)
+    }
+
+    /// Sets the name used in `EHLO` towards the backend (`server.hostname`).
+    #[must_use]
+    pub fn with_helo_name(mut self, name: &str) -> Self {
+        name.clone_into(&mut self.helo_name);
+        self
     }
 
     async fn upgrade(&self, tcp: TcpStream) -> Result<Conn, ConnectError> {
@@ -149,6 +167,30 @@ impl Connector {
         )
     }
 
+    /// The submission master login for `account`.
+    pub fn smtp_machine(
+        &self,
+        account: &str,
+        service: BackendService,
+    ) -> crate::proto::smtp::SmtpBackendLogin {
+        crate::proto::smtp::SmtpBackendLogin::login(
+            account,
+            &self.master_user,
+            &self.separator,
+            &self.master_secret,
+            &self.helo_name,
+            service.tls == BackendTls::Starttls,
+        )
+    }
+
+    /// The submission keyword probe.
+    pub fn smtp_probe(&self, service: BackendService) -> crate::proto::smtp::SmtpBackendLogin {
+        crate::proto::smtp::SmtpBackendLogin::probe(
+            &self.helo_name,
+            service.tls == BackendTls::Starttls,
+        )
+    }
+
     /// Connects to the backend service and runs `login` (a protocol's master-login machine).
     ///
     /// # Errors
@@ -157,6 +199,30 @@ impl Connector {
         &self,
         service: BackendService,
         facts: &ClientFacts,
+        login: B,
+    ) -> Result<LoggedIn, ConnectError> {
+        self.run(service, Some(facts), login).await
+    }
+
+    /// Runs a probe machine (one that ends with `LoggedIn(capabilities)` without logging in)
+    /// and returns what it learned. The connection is the proxy's own: PROXY `LOCAL`.
+    ///
+    /// # Errors
+    /// Any [`ConnectError`].
+    pub async fn probe<B: BackendMachine>(
+        &self,
+        service: BackendService,
+        probe: B,
+    ) -> Result<Vec<String>, ConnectError> {
+        let mut done = self.run(service, None, probe).await?;
+        let _ = tokio::time::timeout(Duration::from_secs(1), done.conn.shutdown()).await;
+        Ok(done.capabilities)
+    }
+
+    async fn run<B: BackendMachine>(
+        &self,
+        service: BackendService,
+        facts: Option<&ClientFacts>,
         mut login: B,
     ) -> Result<LoggedIn, ConnectError> {
         let work = async {
@@ -236,6 +302,19 @@ pub fn proxy_v2_header(facts: &ClientFacts) -> std::io::Result<Vec<u8>> {
         builder = builder.write_tlv(Type::SSL, &value)?;
     }
     builder.build()
+}
+
+/// PROXY protocol v2 `LOCAL` header: the connection is the proxy's own (a capability probe).
+///
+/// # Errors
+/// Only if the header cannot be encoded.
+pub fn proxy_v2_local_header() -> std::io::Result<Vec<u8>> {
+    use ppp::v2::{AddressFamily, Builder, Command, Protocol, Version};
+    Builder::new(
+        Version::Two | Command::Local,
+        AddressFamily::Unspecified | Protocol::Unspecified,
+    )
+    .build()
 }
 
 #[cfg(test)]

@@ -425,7 +425,10 @@ impl Config {
             if l.protocol == Protocol::Http && l.tls == ListenerTls::Starttls {
                 return Err(invalid(key("tls"), "http has no STARTTLS"));
             }
-            if !matches!(l.protocol, Protocol::Imap | Protocol::Pop3) {
+            if !matches!(
+                l.protocol,
+                Protocol::Imap | Protocol::Pop3 | Protocol::Submission
+            ) {
                 return Err(invalid(
                     key("protocol"),
                     format!("{} is not implemented yet", l.protocol.label()),

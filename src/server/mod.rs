@@ -71,7 +71,8 @@ impl Server {
             &config.master.user,
             &config.master.separator,
             secret,
-        )?;
+        )?
+        .with_helo_name(&config.server.hostname);
         let resolver = match &config.tls {
             Some(t) => Some(Arc::new(SniResolver::new(CertStore::load(t)?))),
             None => None,
@@ -125,6 +126,7 @@ impl Server {
             rules,
             shutdown: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
+            learned: crate::backend::learned::Learned::new(),
         });
         Ok(Self {
             shared,
@@ -209,6 +211,7 @@ impl Reloader {
             resolver.replace(CertStore::load(tls).map_err(|e| e.to_string())?);
         }
         self.shared.authn.reload().map_err(|e| e.to_string())?;
+        self.shared.learned.clear();
         Ok(())
     }
 }
@@ -287,7 +290,10 @@ async fn accept_loop(
             match ctx.protocol {
                 Protocol::Imap => crate::session::imap::run(shared, ctx, conn_ctx, conn, tls).await,
                 Protocol::Pop3 => crate::session::pop3::run(shared, ctx, conn_ctx, conn, tls).await,
-                Protocol::Submission | Protocol::ManageSieve | Protocol::Http => {}
+                Protocol::Submission => {
+                    crate::session::smtp::run(shared, ctx, conn_ctx, conn, tls).await;
+                }
+                Protocol::ManageSieve | Protocol::Http => {}
             }
         });
     }

@@ -9,14 +9,18 @@ use rand::Rng as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::authn::Checked;
+use crate::backend::learned::{Learned, Lookup};
 use crate::backend::Connector;
+use crate::config::BackendService;
 use crate::config::{Config, ListenerTls};
 use crate::identity::IdentityRules;
+use crate::proto::prelogin::BackendMachine;
 use crate::Protocol;
 
 pub mod imap;
 pub mod pop3;
 pub mod runner;
+pub mod smtp;
 
 /// Services every session shares.
 pub struct Shared {
@@ -28,6 +32,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Fired when the shutdown grace period is over: spliced sessions are closed.
     pub hard_stop: CancellationToken,
+    /// Capabilities learned from the backend, mirrored in greetings.
+    pub learned: Learned,
 }
 
 impl Shared {
@@ -42,6 +48,56 @@ impl Shared {
             rand::rng().random_range(0..=jitter_ms)
         };
         g.failure_delay + Duration::from_millis(jitter)
+    }
+}
+
+/// Longest a greeting waits for the first probe of the backend's capabilities.
+const FIRST_PROBE_WAIT: Duration = Duration::from_secs(3);
+
+/// The backend's capabilities for `protocol` as `probe` learns them (see
+/// [`crate::backend::learned`]); `None` means use the protocol's defaults.
+pub async fn learned_capabilities<B, P>(
+    shared: &SharedRef,
+    protocol: Protocol,
+    probe: P,
+) -> Option<Arc<Vec<String>>>
+where
+    B: BackendMachine + 'static,
+    P: Fn(&Connector, BackendService) -> B + Send + 'static,
+{
+    let service = shared.config.backend.service(protocol)?;
+    let run = |shared: SharedRef| async move {
+        let machine = probe(&shared.backend, service);
+        let got =
+            tokio::time::timeout(FIRST_PROBE_WAIT, shared.backend.probe(service, machine)).await;
+        let values = match got {
+            Ok(Ok(values)) => Some(values),
+            Ok(Err(e)) => {
+                tracing::warn!(event = "backend_probe", proto = protocol.label(), error = %e, "could not learn the backend's capabilities");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    event = "backend_probe",
+                    proto = protocol.label(),
+                    "backend capability probe timed out"
+                );
+                None
+            }
+        };
+        shared
+            .learned
+            .finish(protocol, values.clone(), std::time::Instant::now());
+        values.map(Arc::new)
+    };
+    match shared.learned.lookup(protocol, std::time::Instant::now()) {
+        Lookup::Fresh(v) => Some(v),
+        Lookup::Stale(v) => {
+            tokio::spawn(run(shared.clone()));
+            Some(v)
+        }
+        Lookup::Probe => run(shared.clone()).await,
+        Lookup::Defaults => None,
     }
 }
 

@@ -24,6 +24,8 @@ pub struct ProxyOptions {
     pub backend_imap_port: u16,
     /// Dovecot's POP3 port (0: no POP3 listeners).
     pub backend_pop3_port: u16,
+    /// Dovecot's submission port (0: no submission listeners).
+    pub backend_submission_port: u16,
     /// `none`, `starttls` or `implicit`.
     pub backend_imap_tls: String,
     /// Extra keys for `[backend]` (e.g. `tls_ca_file`, `proxy_protocol`).
@@ -43,6 +45,7 @@ impl ProxyOptions {
         Self {
             backend_imap_port,
             backend_pop3_port: 0,
+            backend_submission_port: 0,
             backend_imap_tls: "none".into(),
             backend_extra: String::new(),
             master_secret: master_secret.to_owned(),
@@ -76,6 +79,9 @@ pub struct Proxy {
     /// POP3 with implicit TLS and with STLS (0 when not configured).
     pub pop3s: u16,
     pub pop3_starttls: u16,
+    /// Submission with implicit TLS and with STARTTLS (0 when not configured).
+    pub submissions: u16,
+    pub submission_starttls: u16,
 }
 
 impl Proxy {
@@ -100,6 +106,26 @@ impl Proxy {
             format!(
                 "pop3 = {{ port = {}, tls = \"none\" }}",
                 opts.backend_pop3_port
+            )
+        } else {
+            String::new()
+        };
+        let (submissions, submission_starttls) = if opts.backend_submission_port != 0 {
+            (free_port(), free_port())
+        } else {
+            (0, 0)
+        };
+        let submission = if opts.backend_submission_port != 0 {
+            format!(
+                "[[listener]]\nprotocol = \"submission\"\nbind = [\"127.0.0.1:{submissions}\"]\ntls = \"implicit\"\n\n[[listener]]\nprotocol = \"submission\"\nbind = [\"127.0.0.1:{submission_starttls}\"]\ntls = \"starttls\"\n"
+            )
+        } else {
+            String::new()
+        };
+        let submission_backend = if opts.backend_submission_port != 0 {
+            format!(
+                "submission = {{ port = {}, tls = \"none\" }}",
+                opts.backend_submission_port
             )
         } else {
             String::new()
@@ -134,9 +160,12 @@ allow_plaintext_auth = true
 
 {pop3}
 
+{submission}
+
 [backend]
 host = "127.0.0.1"
 {pop3_backend}
+{submission_backend}
 imap = {{ port = {backend}, tls = "{backend_tls}" }}
 {backend_extra}
 
@@ -186,8 +215,18 @@ per_ip_new_per_minute = 10000
             imap_plain,
             pop3s,
             pop3_starttls,
+            submissions,
+            submission_starttls,
         };
-        for port in [imaps, imap_starttls, imap_plain, pop3s, pop3_starttls] {
+        for port in [
+            imaps,
+            imap_starttls,
+            imap_plain,
+            pop3s,
+            pop3_starttls,
+            submissions,
+            submission_starttls,
+        ] {
             if port == 0 {
                 continue;
             }
