@@ -18,6 +18,7 @@ pub mod authn;
 pub mod backend;
 pub mod config;
 pub mod identity;
+pub mod metrics;
 pub mod proto;
 pub mod sasl;
 pub mod secret;

@@ -291,7 +291,47 @@ impl Default for GuardConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
+    /// Loopback (or a private management network): `/metrics`, `/healthz`, `/readyz`, `/bans`.
     pub bind: SocketAddr,
+    /// Bearer token for the bans API, from a file...
+    pub token_file: Option<PathBuf>,
+    /// ...or an environment variable. Without a token the bans API is disabled.
+    pub token_env: Option<String>,
+}
+
+impl AdminConfig {
+    /// The bans-API token, if one is configured.
+    ///
+    /// # Errors
+    /// If the configured file or variable cannot be read or is empty.
+    pub fn token(&self) -> Result<Option<Secret>, ConfigError> {
+        let raw = if let Some(path) = &self.token_file {
+            warn_if_readable_by_others(path);
+            std::fs::read(path).map_err(|e| {
+                invalid(
+                    "admin.token_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?
+        } else if let Some(var) = &self.token_env {
+            std::env::var(var)
+                .map_err(|_| invalid("admin.token_env", format!("variable {var} is not set")))?
+                .into_bytes()
+        } else {
+            return Ok(None);
+        };
+        let token: Vec<u8> = raw
+            .into_iter()
+            .filter(|b| !matches!(b, b'\n' | b'\r'))
+            .collect();
+        if token.len() < 16 {
+            return Err(invalid(
+                "admin.token_file",
+                "the admin token must be at least 16 bytes",
+            ));
+        }
+        Ok(Some(Secret::new(token)))
+    }
 }
 
 /// Per-connection bounds (SECURITY.md "Bounded resources before login").

@@ -38,6 +38,16 @@ pub enum Refused {
     Rate,
 }
 
+impl Refused {
+    /// The metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Concurrent => "per_ip_concurrent",
+            Self::Rate => "per_ip_rate",
+        }
+    }
+}
+
 const WINDOW: Duration = Duration::from_secs(60);
 const PRUNE_AT: usize = 65_536;
 

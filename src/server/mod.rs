@@ -21,10 +21,19 @@ use crate::authn::Checked;
 use crate::backend::Connector;
 use crate::config::{Config, ListenerTls};
 use crate::identity::IdentityRules;
+use crate::metrics::{GaugeGuard, ProtoLabels, RefusedLabels};
 use crate::session::{ConnCtx, ListenerCtx, Shared, SharedRef};
 use crate::stream::Conn;
 use crate::tls::{CertStore, SniResolver};
 use crate::Protocol;
+
+fn tls_failed(shared: &Shared, protocol: &'static str) {
+    shared
+        .metrics
+        .tls_failures
+        .get_or_create(&ProtoLabels { protocol })
+        .inc();
+}
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -127,6 +136,7 @@ impl Server {
             shutdown: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             learned: crate::backend::learned::Learned::new(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         });
         Ok(Self {
             shared,
@@ -241,8 +251,17 @@ async fn accept_loop(
                 continue;
             }
         };
+        let protocol = ctx.protocol.label();
+        let refused = |reason: &'static str| {
+            shared
+                .metrics
+                .connections_refused
+                .get_or_create(&RefusedLabels { protocol, reason })
+                .inc();
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             debug!(peer = %client, "connection cap reached; closing without greeting");
+            refused("global_cap");
             drop(tcp);
             continue;
         };
@@ -250,10 +269,16 @@ async fn accept_loop(
             Ok(slot) => slot,
             Err(why) => {
                 debug!(peer = %client, cap = ?why, "per-IP connection cap reached; closing without greeting");
+                refused(why.label());
                 drop(tcp);
                 continue;
             }
         };
+        shared
+            .metrics
+            .connections
+            .get_or_create(&ProtoLabels { protocol })
+            .inc();
         let _ = tcp.set_nodelay(true);
         let n = ids.fetch_add(1, Ordering::Relaxed);
         let conn_ctx = ConnCtx {
@@ -267,6 +292,12 @@ async fn accept_loop(
         tracker.spawn(async move {
             let _permit = permit;
             let _slot = slot;
+            let _active = GaugeGuard::new(
+                &shared
+                    .metrics
+                    .connections_active
+                    .get_or_create(&ProtoLabels { protocol }),
+            );
             let (conn, tls) = match (ctx.tls, &ctx.acceptor) {
                 (ListenerTls::Implicit, Some(acceptor)) => {
                     match tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await {
@@ -276,10 +307,12 @@ async fn accept_loop(
                         }
                         Ok(Err(e)) => {
                             debug!(peer = %client, error = %e, "TLS handshake failed");
+                            tls_failed(&shared, protocol);
                             return;
                         }
                         Err(_) => {
                             debug!(peer = %client, "TLS handshake timed out");
+                            tls_failed(&shared, protocol);
                             return;
                         }
                     }

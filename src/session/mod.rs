@@ -34,6 +34,7 @@ pub struct Shared {
     pub hard_stop: CancellationToken,
     /// Capabilities learned from the backend, mirrored in greetings.
     pub learned: Learned,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {

@@ -12,6 +12,7 @@ use crate::authn::{AuthRequest, TlsInfo, Verdict};
 use crate::backend::{ClientFacts, Connector};
 use crate::config::BackendService;
 use crate::identity::LogName;
+use crate::metrics::{BytesLabels, GaugeGuard, ProtoLabels};
 use crate::proto::imap::keep_post_login_capability;
 use crate::proto::prelogin::{BackendMachine, Close, Event, Failure, PreLogin};
 use crate::splice::{Downstream, Upstream};
@@ -143,6 +144,7 @@ async fn drive<M, BM, B, U, D, F>(
                 let credentials = match credentials {
                     Err((refusal, shown)) => {
                         info!(event = "auth", result = "refused", user = %shown, reason = ?refusal, attempt, "login refused before authentication");
+                        shared.metrics.auth(protocol.label(), "none", "refused");
                         tokio::time::sleep(shared.failure_delay()).await;
                         if let Some(Event::Close(reason)) = machine.login_failed(Failure::Rejected)
                         {
@@ -192,6 +194,8 @@ async fn drive<M, BM, B, U, D, F>(
                                 if conn.write_all(&machine.take_output()).await.is_err() {
                                     return;
                                 }
+                                shared.metrics.auth(protocol.label(), mechanism, "accept");
+                                observe_latency(&shared, protocol, started);
                                 info!(event = "auth", result = "accept", %user, account = %LogName(account.as_bytes()), mechanism, attempt, authenticator = shared.authn.kind(), latency_ms = started.elapsed().as_millis() as u64, "login accepted");
                                 let Some(leftover) = machine.take_leftover() else {
                                     let _ = conn
@@ -201,6 +205,12 @@ async fn drive<M, BM, B, U, D, F>(
                                         .await;
                                     return;
                                 };
+                                let labels = ProtoLabels {
+                                    protocol: protocol.label(),
+                                };
+                                let _spliced = GaugeGuard::new(
+                                    &shared.metrics.sessions_spliced.get_or_create(&labels),
+                                );
                                 let stats = crate::splice::run(
                                     filters(),
                                     conn,
@@ -211,23 +221,42 @@ async fn drive<M, BM, B, U, D, F>(
                                     shared.hard_stop.clone(),
                                 )
                                 .await;
+                                for (direction, n) in [
+                                    ("to_backend", stats.to_backend),
+                                    ("to_client", stats.to_client),
+                                ] {
+                                    shared
+                                        .metrics
+                                        .bytes
+                                        .get_or_create(&BytesLabels {
+                                            protocol: protocol.label(),
+                                            direction,
+                                        })
+                                        .inc_by(n);
+                                }
                                 info!(event = "session_end", account = %LogName(account.as_bytes()), to_backend = stats.to_backend, to_client = stats.to_client, end = ?stats.end, "session ended");
                                 return;
                             }
                             Err(e) => {
                                 warn!(event = "auth", result = "backend_failed", %user, error = %e, attempt, "backend master login failed");
+                                shared
+                                    .metrics
+                                    .auth(protocol.label(), mechanism, "backend_failed");
                                 Failure::Temporary
                             }
                         }
                     }
                     Verdict::Reject { reason, wait } => {
                         info!(event = "auth", result = "reject", %user, mechanism, attempt, reason = %reason, latency_ms = started.elapsed().as_millis() as u64, "login rejected");
+                        shared.metrics.auth(protocol.label(), mechanism, "reject");
+                        observe_latency(&shared, protocol, started);
                         let delay = shared.failure_delay().max(wait.unwrap_or_default());
                         tokio::time::sleep(delay.saturating_sub(started.elapsed())).await;
                         Failure::Rejected
                     }
                     Verdict::TempFail { reason } => {
                         warn!(event = "auth", result = "tempfail", %user, mechanism, attempt, reason = %reason, "authenticator could not decide");
+                        shared.metrics.auth(protocol.label(), mechanism, "tempfail");
                         Failure::Temporary
                     }
                 };
@@ -240,4 +269,14 @@ async fn drive<M, BM, B, U, D, F>(
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.shutdown()).await;
     info!(event = "session_end", before_login = true, exit = ?exit, "session ended before login");
+}
+
+fn observe_latency(shared: &SharedRef, protocol: Protocol, started: Instant) {
+    shared
+        .metrics
+        .auth_latency
+        .get_or_create(&ProtoLabels {
+            protocol: protocol.label(),
+        })
+        .observe(started.elapsed().as_secs_f64());
 }
