@@ -17,6 +17,7 @@
 pub mod authn;
 pub mod backend;
 pub mod config;
+pub mod dnsbl;
 pub mod identity;
 pub mod metrics;
 pub mod proto;

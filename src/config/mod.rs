@@ -52,6 +52,8 @@ pub struct Config {
     #[serde(default)]
     pub guard: GuardConfig,
     pub admin: Option<AdminConfig>,
+    /// DNSBL checks at connect time (off unless configured).
+    pub dnsbl: Option<crate::dnsbl::DnsblConfig>,
     #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
@@ -438,6 +440,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.listeners.is_empty() {
             return Err(invalid("listener", "at least one [[listener]] is required"));
+        }
+        if let Some(d) = &self.dnsbl {
+            d.validate()
+                .map_err(|(key, message)| invalid(key, message))?;
         }
         for (i, l) in self.listeners.iter().enumerate() {
             let key = |k: &str| format!("listener[{i}].{k}");

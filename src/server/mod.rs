@@ -45,6 +45,8 @@ pub enum StartError {
     Authenticator(String),
     #[error("backend: {0}")]
     Backend(#[from] crate::backend::ConnectError),
+    #[error("dnsbl: {0}")]
+    Dnsbl(String),
     #[error("cannot bind {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -82,6 +84,10 @@ impl Server {
             secret,
         )?
         .with_helo_name(&config.server.hostname);
+        let dnsbl = match &config.dnsbl {
+            Some(d) => Some(crate::dnsbl::Dnsbl::new(d.clone()).map_err(StartError::Dnsbl)?),
+            None => None,
+        };
         let resolver = match &config.tls {
             Some(t) => Some(Arc::new(SniResolver::new(CertStore::load(t)?))),
             None => None,
@@ -137,6 +143,7 @@ impl Server {
             hard_stop: CancellationToken::new(),
             learned: crate::backend::learned::Learned::new(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            dnsbl,
         });
         Ok(Self {
             shared,
@@ -298,6 +305,20 @@ async fn accept_loop(
                     .connections_active
                     .get_or_create(&ProtoLabels { protocol }),
             );
+            if let Some(dnsbl) = &shared.dnsbl {
+                if let Some(listing) = dnsbl.check(client.ip(), &shared.metrics).await {
+                    info!(event = "dnsbl", peer = %client, score = listing.score, zones = ?listing.zones, "client listed; closing without greeting");
+                    shared
+                        .metrics
+                        .connections_refused
+                        .get_or_create(&RefusedLabels {
+                            protocol,
+                            reason: "dnsbl",
+                        })
+                        .inc();
+                    return;
+                }
+            }
             let (conn, tls) = match (ctx.tls, &ctx.acceptor) {
                 (ListenerTls::Implicit, Some(acceptor)) => {
                     match tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await {

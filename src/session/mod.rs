@@ -35,6 +35,8 @@ pub struct Shared {
     /// Capabilities learned from the backend, mirrored in greetings.
     pub learned: Learned,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Connect-time DNSBL checks, if configured.
+    pub dnsbl: Option<crate::dnsbl::Dnsbl>,
 }
 
 impl Shared {

@@ -27,6 +27,7 @@
 
 pub mod authhttp;
 pub mod clients;
+pub mod dnsmasq;
 pub mod dovecot;
 pub mod ports;
 pub mod proxy;

@@ -330,6 +330,23 @@ pub fn tls_over(
 }
 
 impl Raw {
+    /// Connects in the clear from the loopback address `source` (any 127.x.y.z works on Linux),
+    /// so a test can be a different client IP.
+    pub fn plain_from(port: u16, source: std::net::Ipv4Addr) -> Raw {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&std::net::SocketAddr::from((source, 0)).into())
+            .unwrap();
+        sock.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+            .unwrap();
+        let tcp: TcpStream = sock.into();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw {
+            stream: Box::new(tcp),
+            buf: Vec::new(),
+        }
+    }
+
     pub fn plain(port: u16) -> Raw {
         let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
