@@ -14,9 +14,61 @@ use tokio_util::sync::CancellationToken;
 use crate::proto::imap::framer::{ClientOutput, CommandFramer, ResponseFramer};
 use crate::stream::Conn;
 
-/// Read buffer per direction. Large enough for full TLS records, small enough for many
-/// idle sessions.
-const BUF: usize = 16 * 1024;
+/// Smallest read buffer per direction: what an idle session holds.
+const BUF_MIN: usize = 2 * 1024;
+/// Largest read buffer per direction: a full TLS record, for bulk transfers.
+const BUF_MAX: usize = 16 * 1024;
+
+/// A read buffer that grows while reads fill it (a download) and shrinks back after a few
+/// small reads (an idle or interactive session), so thousands of idle IMAP IDLE sessions do
+/// not each pin 32 KiB.
+#[derive(Debug)]
+struct AdaptiveBuf {
+    buf: Vec<u8>,
+    small_reads: u8,
+}
+
+impl AdaptiveBuf {
+    fn new() -> Self {
+        Self {
+            buf: vec![0; BUF_MIN],
+            small_reads: 0,
+        }
+    }
+
+    fn space(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+
+    /// Adapts the size after a read of `n` bytes.
+    fn filled(&mut self, n: usize) {
+        let len = self.buf.len();
+        if n == len && len < BUF_MAX {
+            self.buf = vec![0; (len * 2).min(BUF_MAX)];
+            self.small_reads = 0;
+        } else if n <= len / 4 && len > BUF_MIN {
+            self.small_reads += 1;
+            if self.small_reads >= 4 {
+                self.buf = vec![0; (len / 2).max(BUF_MIN)];
+                self.small_reads = 0;
+            }
+        } else {
+            self.small_reads = 0;
+        }
+    }
+
+    /// Whether the last reads were small: output vectors may give memory back too.
+    fn is_small(&self) -> bool {
+        self.buf.len() == BUF_MIN
+    }
+}
+
+/// Gives back the memory of a large, now empty, output vector.
+fn trim(v: &mut Vec<u8>) {
+    if v.is_empty() && v.capacity() > BUF_MIN {
+        *v = Vec::new();
+    }
+}
 
 /// How a splice ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,7 +169,7 @@ pub async fn run<U: Upstream, D: Downstream>(
 
     // client -> backend
     let upstream = async {
-        let mut buf = vec![0u8; BUF];
+        let mut buf = AdaptiveBuf::new();
         let mut pending = client_first;
         loop {
             if !pending.is_empty() {
@@ -138,14 +190,18 @@ pub async fn run<U: Upstream, D: Downstream>(
                     to_backend.fetch_add(out.forward.len() as u64, Ordering::Relaxed);
                 }
             }
-            match client_r.read(&mut buf).await {
+            if buf.is_small() {
+                trim(&mut pending);
+            }
+            match client_r.read(buf.space()).await {
                 Ok(0) => {
                     let _ = backend_w.shutdown().await;
                     return SpliceEnd::Closed;
                 }
                 Ok(n) => {
                     touch(&last);
-                    pending.extend_from_slice(&buf[..n]);
+                    pending.extend_from_slice(&buf.space()[..n]);
+                    buf.filled(n);
                 }
                 Err(_) => return SpliceEnd::Error,
             }
@@ -154,8 +210,8 @@ pub async fn run<U: Upstream, D: Downstream>(
 
     // backend -> client
     let downstream = async {
-        let mut buf = vec![0u8; BUF];
-        let mut out = Vec::with_capacity(BUF);
+        let mut buf = AdaptiveBuf::new();
+        let mut out = Vec::new();
         down.push(&backend_first, &mut out);
         let mut replies_open = true;
         loop {
@@ -166,6 +222,9 @@ pub async fn run<U: Upstream, D: Downstream>(
                 to_client.fetch_add(out.len() as u64, Ordering::Relaxed);
                 out.clear();
             }
+            if buf.is_small() {
+                trim(&mut out);
+            }
             tokio::select! {
                 reply = reply_rx.recv(), if replies_open && down.at_boundary() => {
                     match reply {
@@ -173,14 +232,15 @@ pub async fn run<U: Upstream, D: Downstream>(
                         None => replies_open = false,
                     }
                 }
-                r = backend_r.read(&mut buf) => match r {
+                r = backend_r.read(buf.space()) => match r {
                     Ok(0) => {
                         let _ = client_w.shutdown().await;
                         return SpliceEnd::Closed;
                     }
                     Ok(n) => {
                         touch(&last);
-                        down.push(&buf[..n], &mut out);
+                        down.push(&buf.space()[..n], &mut out);
+                        buf.filled(n);
                     }
                     Err(_) => return SpliceEnd::Error,
                 }
@@ -214,5 +274,34 @@ pub async fn run<U: Upstream, D: Downstream>(
         to_backend: to_backend.load(Ordering::Relaxed),
         to_client: to_client.load(Ordering::Relaxed),
         end,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_grow_for_bulk_and_shrink_when_idle() {
+        let mut b = AdaptiveBuf::new();
+        assert_eq!(b.space().len(), BUF_MIN);
+        for _ in 0..5 {
+            let n = b.space().len();
+            b.filled(n);
+        }
+        assert_eq!(b.space().len(), BUF_MAX);
+        for _ in 0..3 {
+            b.filled(10);
+        }
+        assert_eq!(b.space().len(), BUF_MAX, "three small reads keep the size");
+        b.filled(10);
+        assert_eq!(b.space().len(), BUF_MAX / 2);
+        for _ in 0..12 {
+            b.filled(10);
+        }
+        assert!(b.is_small());
+        let mut v = Vec::with_capacity(BUF_MAX);
+        trim(&mut v);
+        assert_eq!(v.capacity(), 0);
     }
 }

@@ -50,7 +50,7 @@ impl ProxyOptions {
             backend_extra: String::new(),
             master_secret: master_secret.to_owned(),
             authenticator: format!(
-                "kind = \"file\"\nusers_file = \"{}\"\n",
+                "kind = \"file\"\nusers_file = \"{}\"\ntimeout = \"10s\"\n",
                 repo().join("config/users.toml").display()
             ),
             extra: String::new(),
