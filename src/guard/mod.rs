@@ -531,7 +531,14 @@ impl Guard {
             fell_back,
         );
         let (repeat, bans) = match shared {
-            Some(r) => (r.repeat, r.bans),
+            Some(r) => {
+                // Kept locally too, so that this instance still enforces them if Redis goes.
+                let now = now_ms();
+                for b in &r.bans {
+                    self.0.local.impose(b, now, false);
+                }
+                (r.repeat, r.bans)
+            }
             None => {
                 if fell_back {
                     bump(&self.0.stats.fallback_decisions);

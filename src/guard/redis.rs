@@ -14,6 +14,9 @@
 //! `lift.lua` build ban keys from the index's members rather than receiving them as KEYS, which
 //! a standalone or Sentinel Redis allows and the single slot keeps correct.
 //!
+//! Needs Redis 6.2 or later (`LPOS`; scripts replicated by their effects, so `TIME` may precede
+//! writes).
+//!
 //! The connection is made lazily on first use, so the proxy starts while Redis is down; errors
 //! and timeouts are returned to the facade, which falls back to the memory store.
 
