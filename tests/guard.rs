@@ -713,3 +713,60 @@ async fn redis_keys_hold_no_passwords_and_expire() {
         assert!(ttl > 0, "{key} has no expiry ({ttl})");
     }
 }
+
+/// A Redis that accepts but never answers costs each login at most `redis_timeout`, and only
+/// one login per `redis_retry`; the local limits decide meanwhile.
+#[tokio::test]
+async fn hung_redis_times_out_to_local_limits() {
+    let mut env = Env::new(Store::Redis);
+    let g = env.guard(GuardConfig {
+        redis_timeout: Duration::from_millis(200),
+        redis_retry: Duration::from_millis(500),
+        ..config()
+    });
+    let a = ip("203.0.113.150");
+    assert!(!g.failed(a, "liam", &pw(0), "imap").await.ban_started());
+    let redis = env.redis.as_ref().expect("redis");
+    redis.pause();
+    env.outage = true;
+    let start = Instant::now();
+    let mut slow = 0;
+    for i in 1..6 {
+        let t = Instant::now();
+        let o = g.failed(a, "liam", &pw(i), "imap").await;
+        assert!(
+            t.elapsed() < Duration::from_millis(700),
+            "failure {i} took {:?}",
+            t.elapsed()
+        );
+        if t.elapsed() >= Duration::from_millis(150) {
+            slow += 1;
+        }
+        assert_eq!(o.ban_started(), i == 5, "failure {i}: {o:?}");
+    }
+    assert!(
+        slow <= 2,
+        "{slow} logins waited for the timeout within {:?}",
+        start.elapsed()
+    );
+    assert_eq!(g.check(a, "liam").await, denied(DenyReason::PairBanned));
+    assert!(!g.store_healthy());
+    env.redis.as_ref().expect("redis").resume();
+    let back = within(Duration::from_secs(5), || {
+        let g = g.clone();
+        async move {
+            let _ = g.check(ip("192.0.2.201"), "probe").await;
+            g.store_healthy()
+        }
+    })
+    .await;
+    assert!(back.is_some(), "the guard never trusted Redis again");
+    // The ban started during the hang was copied to Redis.
+    let other = env.guard(config());
+    let seen = within(Duration::from_secs(2), || {
+        let other = other.clone();
+        async move { !other.check(a, "liam").await.is_allowed() }
+    })
+    .await;
+    assert!(seen.is_some());
+}

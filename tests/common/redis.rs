@@ -159,6 +159,25 @@ impl RedisServer {
         );
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open but nothing answers, the way a
+    /// hung or black-holed Redis looks to a client.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Thaws a paused server (SIGCONT); it answers what queued up meanwhile.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("redis-server running").id() as i32;
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own live child.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+
     /// Starts the server again on the same port, empty (nothing was persisted).
     pub fn restart(&mut self) {
         self.kill();
@@ -189,6 +208,11 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        // A paused server would not die of SIGKILL any slower, but make sure it is not left
+        // stopped if killing fails.
+        if self.child.is_some() {
+            self.resume();
+        }
         self.kill();
     }
 }
