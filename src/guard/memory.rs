@@ -419,9 +419,9 @@ impl MemoryStore {
         }
     }
 
-    fn lift_locked(&self, key: &str) -> bool {
+    fn lift_locked(&self, key: &str, now_ms: u64) -> bool {
         let bkey = format!("ban:{key}");
-        let existed = self.bans.contains_key(&bkey);
+        let existed = self.ban(key, now_ms).is_some();
         self.bans.invalidate(&bkey);
         self.bans.invalidate(&format!("off:{key}"));
         self.counters.invalidate(&format!("w:{key}"));
@@ -433,9 +433,9 @@ impl MemoryStore {
 
     /// Lifts the ban on `key` and forgets its offences and counters (an operator's "this was a
     /// mistake"). Returns whether a ban was in force.
-    pub fn lift(&self, key: &str) -> bool {
+    pub fn lift(&self, key: &str, now_ms: u64) -> bool {
         let _lock = self.lock();
-        self.lift_locked(key)
+        self.lift_locked(key, now_ms)
     }
 
     /// Lifts every ban about `account`: its protection, its pairs, and address bans that a
@@ -446,12 +446,12 @@ impl MemoryStore {
         for b in self.all_bans(now_ms) {
             let about = key_account(&b.info.key) == Some(account)
                 || b.info.account.as_deref() == Some(account);
-            if about && self.lift_locked(&b.info.key) {
+            if about && self.lift_locked(&b.info.key, now_ms) {
                 lifted += 1;
             }
         }
         // Offences and counters of the account and its pairs without a ban in force.
-        self.lift_locked(&format!("account:{account}"));
+        self.lift_locked(&format!("account:{account}"), now_ms);
         lifted
     }
 }

@@ -673,7 +673,7 @@ impl Guard {
         if keys::parse_key(key).is_none() {
             return Err(GuardError::BadKey(key.to_owned()));
         }
-        let local = self.0.local.lift(key);
+        let local = self.0.local.lift(key, now_ms());
         let shared = match self.0.remote.as_ref() {
             Some(remote) => Some(remote.lift(key).await),
             None => None,
