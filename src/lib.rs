@@ -7,6 +7,7 @@
 //! - [`proto`]: sans-I/O protocol state machines (no tokio); every parser is here or in [`sasl`].
 //! - [`sasl`]: SASL mechanisms shared by every protocol.
 //! - [`identity`]: username rules applied before anyone is asked.
+//! - [`guard`]: attack detection before and after the authenticator (bans, limits, Redis).
 //! - [`authn`]: the central authenticator (file, nginx auth_http, JSON).
 //! - [`backend`]: connecting to Stalwart and logging in as the master user.
 //! - [`splice`]: copying bytes after login, with the post-login filters.
@@ -18,6 +19,7 @@ pub mod authn;
 pub mod backend;
 pub mod config;
 pub mod dnsbl;
+pub mod guard;
 pub mod identity;
 pub mod metrics;
 pub mod proto;

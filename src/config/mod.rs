@@ -266,6 +266,57 @@ pub enum GuardStore {
     Redis,
 }
 
+/// What a failure window counts by (see `[[guard.window]]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowKey {
+    /// The client address: an IPv4 address (`ipv4_prefix`) or IPv6 network (`ipv6_prefix`).
+    Ip,
+    /// The client's wider network (`net4_prefix`, `net6_prefix`).
+    Net,
+    /// The account, whatever the address.
+    Account,
+    /// One address guessing one account.
+    IpAccount,
+}
+
+impl WindowKey {
+    /// The name used in configuration, ban keys and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ip => "ip",
+            Self::Net => "net",
+            Self::Account => "account",
+            Self::IpAccount => "ip_account",
+        }
+    }
+}
+
+/// One sliding failure window: more than `max` counted failures of one key within `period`
+/// start a ban.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowConfig {
+    pub key: WindowKey,
+    #[serde(with = "humantime_serde")]
+    pub period: Duration,
+    pub max: u32,
+}
+
+impl WindowConfig {
+    fn new(key: WindowKey, period_secs: u64, max: u32) -> Self {
+        Self {
+            key,
+            period: Duration::from_secs(period_secs),
+            max,
+        }
+    }
+}
+
+/// The guard: failure windows, bans, allow-lists and the store they live in.
+///
+/// Every key except `store`, `redis_url`, `redis_timeout`, `key_prefix` and `memory_max_keys` is
+/// applied again on SIGHUP; those five shape the store and need a restart.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GuardConfig {
@@ -277,6 +328,63 @@ pub struct GuardConfig {
     pub failure_delay: Duration,
     #[serde(with = "humantime_serde")]
     pub failure_jitter: Duration,
+    /// Deadline for one Redis round trip; past it the local store decides. Short, because it is
+    /// paid on every login while Redis is slow.
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+    /// While Redis is unreachable, how often one login probes it again (the others go straight
+    /// to the local store instead of each waiting for a timeout).
+    #[serde(with = "humantime_serde")]
+    pub redis_retry: Duration,
+    /// Prefix of every Redis key, so that several deployments can share one Redis.
+    pub key_prefix: String,
+    /// Prefix length that makes one client: a whole IPv4 address, an IPv6 /64 (one host
+    /// usually owns a whole /64, and rotates addresses inside it).
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    /// Prefix length of the wider network counted by `key = "net"` windows.
+    pub net4_prefix: u8,
+    pub net6_prefix: u8,
+    /// Networks (CIDR, or bare addresses) never counted, denied or banned: monitoring, webmail.
+    pub allow: Vec<String>,
+    /// How many distinct wrong passwords are remembered per (address, account), as truncated
+    /// keyed hashes: the same wrong password again (a phone with a stale password) counts once.
+    pub password_repeat: usize,
+    /// The failure windows. Writing any `[[guard.window]]` replaces the whole default list.
+    #[serde(rename = "window")]
+    pub windows: Vec<WindowConfig>,
+    /// Password spraying: more than `spray_max_users` distinct failed usernames from one address
+    /// within `spray_window` start a ban.
+    #[serde(with = "humantime_serde")]
+    pub spray_window: Duration,
+    pub spray_max_users: u32,
+    /// First ban duration; each further offence within `ban_decay` multiplies it by
+    /// `ban_factor`, up to `ban_max`, each spread by ±`ban_jitter` (a fraction) so that banned
+    /// clients do not all come back at once.
+    #[serde(with = "humantime_serde")]
+    pub ban_initial: Duration,
+    pub ban_factor: f64,
+    #[serde(with = "humantime_serde")]
+    pub ban_max: Duration,
+    pub ban_jitter: f64,
+    /// How long an offence is remembered after the last one.
+    #[serde(with = "humantime_serde")]
+    pub ban_decay: Duration,
+    /// NAT and offices: an address (or network) from which at least `nat_successes` distinct
+    /// accounts logged in within `nat_window` gets its `ip`/`net` windows and spray limit
+    /// multiplied by `nat_factor`.
+    #[serde(with = "humantime_serde")]
+    pub nat_window: Duration,
+    pub nat_successes: u32,
+    pub nat_factor: f64,
+    /// How long a successful login keeps its (address, account) known: while the account is
+    /// under attack (an `account` window tripped), only known addresses may try it.
+    #[serde(with = "humantime_serde")]
+    pub known_for: Duration,
+    /// Sessions one account may hold open at once through this instance.
+    pub account_sessions: u32,
+    /// Upper bound of the memory store's counter entries (bans have their own tenth of it).
+    pub memory_max_keys: u64,
 }
 
 impl Default for GuardConfig {
@@ -286,7 +394,158 @@ impl Default for GuardConfig {
             redis_url: None,
             failure_delay: Duration::from_millis(1000),
             failure_jitter: Duration::from_millis(200),
+            redis_timeout: Duration::from_millis(200),
+            redis_retry: Duration::from_secs(1),
+            key_prefix: "portcullis:".into(),
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
+            net4_prefix: 24,
+            net6_prefix: 48,
+            allow: Vec::new(),
+            password_repeat: 5,
+            windows: vec![
+                WindowConfig::new(WindowKey::Ip, 600, 10),
+                WindowConfig::new(WindowKey::Ip, 3600, 30),
+                WindowConfig::new(WindowKey::Net, 600, 100),
+                WindowConfig::new(WindowKey::Account, 600, 20),
+                WindowConfig::new(WindowKey::IpAccount, 600, 5),
+            ],
+            spray_window: Duration::from_secs(600),
+            spray_max_users: 10,
+            ban_initial: Duration::from_secs(300),
+            ban_factor: 2.0,
+            ban_max: Duration::from_secs(24 * 3600),
+            ban_jitter: 0.2,
+            ban_decay: Duration::from_secs(24 * 3600),
+            nat_window: Duration::from_secs(3600),
+            nat_successes: 5,
+            nat_factor: 4.0,
+            known_for: Duration::from_secs(30 * 24 * 3600),
+            account_sessions: 50,
+            memory_max_keys: 200_000,
         }
+    }
+}
+
+impl GuardConfig {
+    /// Checks the `[guard]` section alone (also used when SIGHUP reloads it).
+    ///
+    /// # Errors
+    /// The first problem found, naming its key (`guard.window[1].max: must be > 0`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.store == GuardStore::Redis && self.redis_url.is_none() {
+            return Err(invalid("guard.redis_url", "required for store = \"redis\""));
+        }
+        if let Some(url) = &self.redis_url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(invalid(
+                    "guard.redis_url",
+                    "must start with redis:// (or rediss://)",
+                ));
+            }
+        }
+        let positive = |key: &str, d: Duration| {
+            if d.is_zero() {
+                Err(invalid(format!("guard.{key}"), "must be > 0"))
+            } else {
+                Ok(())
+            }
+        };
+        positive("redis_timeout", self.redis_timeout)?;
+        positive("redis_retry", self.redis_retry)?;
+        positive("spray_window", self.spray_window)?;
+        positive("ban_initial", self.ban_initial)?;
+        positive("ban_decay", self.ban_decay)?;
+        positive("nat_window", self.nat_window)?;
+        positive("known_for", self.known_for)?;
+        if self.redis_timeout > Duration::from_secs(10) {
+            return Err(invalid("guard.redis_timeout", "must be at most 10s"));
+        }
+        if self.key_prefix.is_empty()
+            || self
+                .key_prefix
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                "guard.key_prefix",
+                "must be non-empty, without spaces or control characters",
+            ));
+        }
+        if !(1..=32).contains(&self.ipv4_prefix) {
+            return Err(invalid("guard.ipv4_prefix", "must be 1 to 32"));
+        }
+        if !(1..=128).contains(&self.ipv6_prefix) {
+            return Err(invalid("guard.ipv6_prefix", "must be 1 to 128"));
+        }
+        if self.net4_prefix == 0 || self.net4_prefix > self.ipv4_prefix {
+            return Err(invalid(
+                "guard.net4_prefix",
+                "must be 1 to guard.ipv4_prefix (a network holds the address)",
+            ));
+        }
+        if self.net6_prefix == 0 || self.net6_prefix > self.ipv6_prefix {
+            return Err(invalid(
+                "guard.net6_prefix",
+                "must be 1 to guard.ipv6_prefix (a network holds the address)",
+            ));
+        }
+        for (i, cidr) in self.allow.iter().enumerate() {
+            if let Err(e) = crate::guard::keys::Cidr::parse(cidr) {
+                return Err(invalid(format!("guard.allow[{i}]"), e));
+            }
+        }
+        if self.password_repeat > 64 {
+            return Err(invalid("guard.password_repeat", "must be at most 64"));
+        }
+        if self.windows.is_empty() {
+            return Err(invalid(
+                "guard.window",
+                "at least one [[guard.window]] is required (an empty list would be unlimited)",
+            ));
+        }
+        for (i, w) in self.windows.iter().enumerate() {
+            if w.max == 0 {
+                return Err(invalid(format!("guard.window[{i}].max"), "must be > 0"));
+            }
+            if w.period < Duration::from_secs(1) || w.period > Duration::from_secs(30 * 86_400) {
+                return Err(invalid(
+                    format!("guard.window[{i}].period"),
+                    "must be between 1s and 30days",
+                ));
+            }
+        }
+        if self.spray_max_users == 0 || self.spray_max_users > 10_000 {
+            return Err(invalid("guard.spray_max_users", "must be 1 to 10000"));
+        }
+        if !(self.ban_factor >= 1.0 && self.ban_factor <= 100.0) {
+            return Err(invalid("guard.ban_factor", "must be 1 to 100"));
+        }
+        if self.ban_max < self.ban_initial {
+            return Err(invalid(
+                "guard.ban_max",
+                "must be at least guard.ban_initial",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.ban_jitter) {
+            return Err(invalid(
+                "guard.ban_jitter",
+                "must be a fraction from 0 to below 1",
+            ));
+        }
+        if self.nat_successes == 0 || self.nat_successes > 10_000 {
+            return Err(invalid("guard.nat_successes", "must be 1 to 10000"));
+        }
+        if !(self.nat_factor >= 1.0 && self.nat_factor <= 1000.0) {
+            return Err(invalid("guard.nat_factor", "must be 1 to 1000"));
+        }
+        if self.account_sessions == 0 {
+            return Err(invalid("guard.account_sessions", "must be > 0"));
+        }
+        if self.memory_max_keys < 1_000 {
+            return Err(invalid("guard.memory_max_keys", "must be at least 1000"));
+        }
+        Ok(())
     }
 }
 
@@ -532,9 +791,7 @@ impl Config {
                 "must be greater than zero",
             ));
         }
-        if self.guard.store == GuardStore::Redis && self.guard.redis_url.is_none() {
-            return Err(invalid("guard.redis_url", "required for store = \"redis\""));
-        }
+        self.guard.validate()?;
         let l = &self.limits;
         if l.imap_line_max < 512 {
             return Err(invalid("limits.imap_line_max", "must be at least 512"));
@@ -672,6 +929,72 @@ users_file = "config/users.toml"
         assert_eq!(c.limits.preauth_idle, Duration::from_secs(5));
         let e = err(&format!("{MINIMAL}\n[limits]\npreauth_idle = \"soon\"\n"));
         assert!(e.contains("preauth_idle"), "{e}");
+    }
+
+    #[test]
+    fn guard_section_parses_and_validates() {
+        let c = Config::parse(&format!(
+            r#"{MINIMAL}
+[guard]
+store = "redis"
+redis_url = "redis://127.0.0.1:6379"
+redis_timeout = "150ms"
+key_prefix = "mail1:"
+ipv6_prefix = 56
+allow = ["192.0.2.0/24", "2001:db8::1"]
+password_repeat = 3
+spray_window = "5m"
+spray_max_users = 8
+ban_initial = "1m"
+ban_factor = 3.0
+ban_max = "12h"
+ban_jitter = 0.1
+ban_decay = "2d"
+nat_successes = 10
+nat_factor = 8.0
+account_sessions = 20
+
+[[guard.window]]
+key = "ip"
+period = "1m"
+max = 5
+
+[[guard.window]]
+key = "ip_account"
+period = "15m"
+max = 3
+"#
+        ))
+        .unwrap();
+        let g = &c.guard;
+        assert_eq!(g.store, GuardStore::Redis);
+        assert_eq!(g.redis_timeout, Duration::from_millis(150));
+        assert_eq!(g.ipv6_prefix, 56);
+        assert_eq!(g.ipv4_prefix, 32, "unset keys keep their defaults");
+        assert_eq!(g.windows.len(), 2, "a window list replaces the defaults");
+        assert_eq!(g.windows[1].key, WindowKey::IpAccount);
+        assert_eq!(g.windows[1].period, Duration::from_secs(900));
+        assert_eq!(g.ban_decay, Duration::from_secs(2 * 86_400));
+
+        let defaults = Config::parse(MINIMAL).unwrap().guard;
+        assert_eq!(defaults.windows.len(), 5);
+        assert_eq!(defaults.failure_delay, Duration::from_secs(1));
+        assert_eq!(defaults.password_repeat, 5);
+
+        let guard_err = |extra: &str| err(&format!("{MINIMAL}\n[guard]\n{extra}\n"));
+        let e = guard_err(
+            "[[guard.window]]\nkey = \"ip\"\nperiod = \"1m\"\nmax = 5\n[[guard.window]]\nkey = \"net\"\nperiod = \"1m\"\nmax = 0",
+        );
+        assert_eq!(e, "guard.window[1].max: must be > 0");
+        let e = guard_err("[[guard.window]]\nkey = \"host\"\nperiod = \"1m\"\nmax = 5");
+        assert!(e.contains("host"), "{e}");
+        assert!(guard_err("allow = [\"10.0.0.0/33\"]").starts_with("guard.allow[0]:"));
+        assert!(guard_err("ban_jitter = 1.5").starts_with("guard.ban_jitter:"));
+        assert!(guard_err("net4_prefix = 28\nipv4_prefix = 24").starts_with("guard.net4_prefix:"));
+        assert!(guard_err("ban_max = \"1m\"").starts_with("guard.ban_max:"));
+        assert!(guard_err("store = \"redis\"").starts_with("guard.redis_url:"));
+        assert!(guard_err("redis_url = \"http://x\"").starts_with("guard.redis_url:"));
+        assert!(guard_err("frobnicate = 1").contains("frobnicate"));
     }
 
     #[test]

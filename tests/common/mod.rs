@@ -4,6 +4,7 @@
 //! - [`smtpsink`]: the SMTP server Dovecot's submission relays to.
 //! - [`authhttp`]: an nginx-style `auth_http` authenticator with failure modes.
 //! - [`clients`]: runs the Python protocol clients in `tests/clients/`.
+//! - [`redis`]: a private redis-server for the guard's shared store.
 //! - [`ports`]: loopback port helpers.
 //!
 //! ```ignore
@@ -31,4 +32,5 @@ pub mod dnsmasq;
 pub mod dovecot;
 pub mod ports;
 pub mod proxy;
+pub mod redis;
 pub mod smtpsink;
