@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod admin;
 pub mod authn;
 pub mod backend;
 pub mod config;

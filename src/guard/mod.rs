@@ -453,6 +453,11 @@ impl Guard {
         });
     }
 
+    /// Whether `ip` is in `guard.allow` (never counted, denied or banned; DNSBL is skipped too).
+    pub fn allowlisted(&self, ip: IpAddr) -> bool {
+        self.0.live.load().allow.contains(ip)
+    }
+
     /// Before the authenticator: may this attempt be checked at all?
     ///
     /// Allow-listed addresses are always allowed. Otherwise denied when the address, network or

@@ -45,6 +45,8 @@ pub enum StartError {
     Authenticator(String),
     #[error("backend: {0}")]
     Backend(#[from] crate::backend::ConnectError),
+    #[error("guard: {0}")]
+    Guard(String),
     #[error("dnsbl: {0}")]
     Dnsbl(String),
     #[error("cannot bind {addr}: {source}")]
@@ -59,6 +61,7 @@ pub struct Server {
     shared: SharedRef,
     listeners: Vec<(TcpListener, ListenerCtx)>,
     resolver: Option<Arc<SniResolver>>,
+    admin: Option<(TcpListener, Arc<crate::admin::Admin>)>,
 }
 
 impl Server {
@@ -68,6 +71,26 @@ impl Server {
     /// A [`StartError`] naming what failed.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let secret = config.master_secret()?;
+        let guard =
+            crate::guard::Guard::new(&config.guard, &crate::guard::derive_hash_key(&secret))
+                .map_err(|e| StartError::Guard(e.to_string()))?;
+        let admin_token = match &config.admin {
+            Some(a) => a.token()?,
+            None => None,
+        };
+        let admin = match &config.admin {
+            Some(a) => {
+                Some(
+                    TcpListener::bind(a.bind)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            addr: a.bind,
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
         let rules = IdentityRules::with_separator(&config.master.separator);
         let inner = crate::authn::build(&config.authenticator)
             .map_err(|e| StartError::Authenticator(e.to_string()))?;
@@ -144,11 +167,19 @@ impl Server {
             learned: crate::backend::learned::Learned::new(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             dnsbl,
+            guard,
+        });
+        let admin = admin.map(|l| {
+            (
+                l,
+                Arc::new(crate::admin::Admin::new(shared.clone(), admin_token)),
+            )
         });
         Ok(Self {
             shared,
             listeners,
             resolver,
+            admin,
         })
     }
 
@@ -182,6 +213,13 @@ impl Server {
         let limits = &self.shared.config.limits;
         let per_ip = limiter::Limiter::new(limits.per_ip_connections, limits.per_ip_new_per_minute);
         let ids = Arc::new(AtomicU64::new(0));
+        let admin_stop = CancellationToken::new();
+        if let Some((listener, admin)) = self.admin {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, "admin listening");
+            }
+            tokio::spawn(admin.serve(listener, admin_stop.clone()));
+        }
         for (listener, ctx) in self.listeners {
             if let Ok(addr) = listener.local_addr() {
                 info!(%addr, proto = ctx.protocol.label(), tls = ?ctx.tls, "listening");
@@ -207,6 +245,7 @@ impl Server {
             self.shared.hard_stop.cancel();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait()).await;
         }
+        admin_stop.cancel();
         info!("stopped");
     }
 }
@@ -228,6 +267,10 @@ impl Reloader {
             resolver.replace(CertStore::load(tls).map_err(|e| e.to_string())?);
         }
         self.shared.authn.reload().map_err(|e| e.to_string())?;
+        self.shared
+            .guard
+            .reload(&config.guard)
+            .map_err(|e| format!("guard: {e}"))?;
         self.shared.learned.clear();
         Ok(())
     }
@@ -305,7 +348,11 @@ async fn accept_loop(
                     .connections_active
                     .get_or_create(&ProtoLabels { protocol }),
             );
-            if let Some(dnsbl) = &shared.dnsbl {
+            if let Some(dnsbl) = shared
+                .dnsbl
+                .as_ref()
+                .filter(|_| !shared.guard.allowlisted(client.ip()))
+            {
                 if let Some(listing) = dnsbl.check(client.ip(), &shared.metrics).await {
                     info!(event = "dnsbl", peer = %client, score = listing.score, zones = ?listing.zones, "client listed; closing without greeting");
                     shared

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::authn::Checked;
@@ -37,20 +36,26 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Connect-time DNSBL checks, if configured.
     pub dnsbl: Option<crate::dnsbl::Dnsbl>,
+    /// Attack detection: failure windows, bans, per-account session caps.
+    pub guard: crate::guard::Guard,
 }
 
 impl Shared {
-    /// The uniform delay before answering any failed login (plus jitter), so that causes cannot
-    /// be told apart by timing.
+    /// The uniform delay before answering any failed or denied login (plus jitter), so that
+    /// causes cannot be told apart by timing. Reloadable with the guard's settings.
     pub fn failure_delay(&self) -> Duration {
-        let g = &self.config.guard;
-        let jitter_ms = g.failure_jitter.as_millis() as u64;
-        let jitter = if jitter_ms == 0 {
-            0
-        } else {
-            rand::rng().random_range(0..=jitter_ms)
-        };
-        g.failure_delay + Duration::from_millis(jitter)
+        self.guard.failure_delay()
+    }
+
+    /// Brings the gauges that are read rather than counted up to date (before a scrape).
+    pub async fn refresh_gauges(&self) {
+        let bans = self.guard.bans().await.len();
+        self.metrics
+            .guard_bans_active
+            .set(i64::try_from(bans).unwrap_or(i64::MAX));
+        self.metrics
+            .guard_store_up
+            .set(i64::from(self.guard.store_healthy()));
     }
 }
 

@@ -11,10 +11,12 @@ use super::{ConnCtx, ListenerCtx, SharedRef};
 use crate::authn::{AuthRequest, TlsInfo, Verdict};
 use crate::backend::{ClientFacts, Connector};
 use crate::config::BackendService;
+use crate::guard::{Decision, Outcome};
 use crate::identity::LogName;
-use crate::metrics::{BytesLabels, GaugeGuard, ProtoLabels};
+use crate::metrics::{BytesLabels, DecisionLabels, GaugeGuard, ProtoLabels};
 use crate::proto::imap::keep_post_login_capability;
 use crate::proto::prelogin::{BackendMachine, Close, Event, Failure, PreLogin};
+use crate::secret::Secret;
 use crate::splice::{Downstream, Upstream};
 use crate::stream::Conn;
 use crate::Protocol;
@@ -84,6 +86,7 @@ async fn drive<M, BM, B, U, D, F>(
     } = plug;
     machine.greet();
     let deadline = ctx.accepted + l.preauth_deadline;
+    let ip = ctx.client.ip();
     let mut buf = vec![0u8; 4096];
 
     let exit = loop {
@@ -145,7 +148,16 @@ async fn drive<M, BM, B, U, D, F>(
                     Err((refusal, shown)) => {
                         info!(event = "auth", result = "refused", user = %shown, reason = ?refusal, attempt, "login refused before authentication");
                         shared.metrics.auth(protocol.label(), "none", "refused");
-                        tokio::time::sleep(shared.failure_delay()).await;
+                        // A refused name is an attempt like any other for the address's windows.
+                        let outcome = shared
+                            .guard
+                            .failed(ip, &shown, &Secret::new(Vec::new()), protocol.label())
+                            .await;
+                        count_bans(&shared, &outcome);
+                        tokio::time::sleep(
+                            shared.failure_delay().saturating_sub(started.elapsed()),
+                        )
+                        .await;
                         if let Some(Event::Close(reason)) = machine.login_failed(Failure::Rejected)
                         {
                             let _ = conn.write_all(&machine.take_output()).await;
@@ -155,6 +167,43 @@ async fn drive<M, BM, B, U, D, F>(
                     }
                     Ok(c) => c,
                 };
+                let decided = Instant::now();
+                let decision = shared.guard.check(ip, &credentials.username).await;
+                shared
+                    .metrics
+                    .guard_latency
+                    .observe(decided.elapsed().as_secs_f64());
+                if let Decision::Deny { reason } = decision {
+                    // Banned: the authenticator is not asked, and the reply and delay are those
+                    // of a wrong password.
+                    shared
+                        .metrics
+                        .guard_decisions
+                        .get_or_create(&DecisionLabels {
+                            decision: "deny",
+                            reason: reason.label(),
+                        })
+                        .inc();
+                    let mechanism = credentials.mechanism.label();
+                    shared.metrics.auth(protocol.label(), mechanism, "denied");
+                    info!(event = "auth", result = "denied", user = %LogName(credentials.username.as_bytes()), mechanism, attempt, reason = reason.label(), "login denied by the guard");
+                    drop(credentials);
+                    tokio::time::sleep(shared.failure_delay().saturating_sub(started.elapsed()))
+                        .await;
+                    if let Some(Event::Close(reason)) = machine.login_failed(Failure::Rejected) {
+                        let _ = conn.write_all(&machine.take_output()).await;
+                        break Exit::Closed(reason);
+                    }
+                    continue;
+                }
+                shared
+                    .metrics
+                    .guard_decisions
+                    .get_or_create(&DecisionLabels {
+                        decision: "allow",
+                        reason: "ok",
+                    })
+                    .inc();
                 let mut request = AuthRequest {
                     protocol,
                     mechanism: credentials.mechanism,
@@ -168,12 +217,33 @@ async fn drive<M, BM, B, U, D, F>(
                     client_id: machine.client_id().map(str::to_owned),
                 };
                 let verdict = shared.authn.verify(&request).await;
+                if matches!(verdict, Verdict::Reject { .. }) {
+                    let outcome = shared
+                        .guard
+                        .failed(ip, &request.username, &request.secret, protocol.label())
+                        .await;
+                    count_bans(&shared, &outcome);
+                }
                 let username = std::mem::take(&mut request.username);
                 let user = LogName(username.as_bytes());
                 let mechanism = request.mechanism.label();
                 drop(request);
                 let failure = match verdict {
                     Verdict::Accept { account } => {
+                        shared.guard.succeeded(ip, &account).await;
+                        let Some(_session) = shared.guard.session(&account) else {
+                            warn!(event = "auth", result = "session_cap", %user, account = %LogName(account.as_bytes()), "too many sessions for this account");
+                            shared
+                                .metrics
+                                .auth(protocol.label(), mechanism, "session_cap");
+                            if let Some(Event::Close(reason)) =
+                                machine.login_failed(Failure::Temporary)
+                            {
+                                let _ = conn.write_all(&machine.take_output()).await;
+                                break Exit::Closed(reason);
+                            }
+                            continue;
+                        };
                         let facts = ClientFacts {
                             client: ctx.client,
                             local: ctx.local,
@@ -279,4 +349,11 @@ fn observe_latency(shared: &SharedRef, protocol: Protocol, started: Instant) {
             protocol: protocol.label(),
         })
         .observe(started.elapsed().as_secs_f64());
+}
+
+fn count_bans(shared: &SharedRef, outcome: &Outcome) {
+    shared
+        .metrics
+        .guard_bans_started
+        .inc_by(outcome.bans.len() as u64);
 }

@@ -33,6 +33,8 @@ pub struct ProxyOptions {
     pub master_secret: String,
     /// The `[authenticator]` section body (without the header).
     pub authenticator: String,
+    /// Extra keys for `[guard]` (its `[[guard.window]]` tables go in `extra`).
+    pub guard: String,
     /// Extra TOML appended to the file.
     pub extra: String,
     pub rust_log: String,
@@ -53,6 +55,7 @@ impl ProxyOptions {
                 "kind = \"file\"\nusers_file = \"{}\"\ntimeout = \"10s\"\n",
                 repo().join("config/users.toml").display()
             ),
+            guard: String::new(),
             extra: String::new(),
             rust_log: "portcullis=debug".into(),
             per_ip_connections: 50,
@@ -179,6 +182,7 @@ secret_file = "{secret}"
 [guard]
 failure_delay = "0s"
 failure_jitter = "0s"
+{guard}
 
 [limits]
 per_ip_connections = {per_ip}
@@ -194,6 +198,7 @@ per_ip_new_per_minute = 10000
             secret = secret.display(),
             authn = opts.authenticator,
             extra = opts.extra,
+            guard = opts.guard,
             per_ip = opts.per_ip_connections,
         );
         let path = dir.path().join("portcullis.toml");
