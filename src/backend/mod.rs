@@ -96,10 +96,12 @@ impl Connector {
         })
     }
 
+    /// Connects; with PROXY v2 on, sends the header for `facts`, or a LOCAL header (a
+    /// connection of the proxy's own, such as a probe) when there is no client.
     async fn tcp(
         &self,
         service: BackendService,
-        facts: &ClientFacts,
+        facts: Option<&ClientFacts>,
     ) -> Result<TcpStream, ConnectError> {
         let target = (self.host.as_str(), service.port);
         let mut tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(target))
@@ -108,7 +110,11 @@ impl Connector {
             .map_err(ConnectError::Connect)?;
         tcp.set_nodelay(true).map_err(ConnectError::Io)?;
         if self.proxy_protocol == ProxyProtocol::V2 {
-            let header = proxy_v2_header(facts).map_err(ConnectError::Io)?;
+            let header = match facts {
+                Some(facts) => proxy_v2_header(facts),
+                None => proxy_v2_local_header(),
+            }
+            .map_err(ConnectError::Io)?;
             tcp.write_all(&header).await.map_err(ConnectError::Io)?;
         }
         Ok(tcp)
@@ -149,6 +155,43 @@ impl Connector {
         )
     }
 
+    /// The master login for `account` in ManageSieve.
+    pub fn sieve_machine(
+        &self,
+        account: &str,
+        service: BackendService,
+    ) -> crate::proto::sieve::SieveBackendLogin {
+        crate::proto::sieve::SieveBackendLogin::new(
+            account,
+            &self.master_user,
+            &self.separator,
+            &self.master_secret,
+            service.tls == BackendTls::Starttls,
+        )
+    }
+
+    /// The backend's ManageSieve capabilities, from its greeting (no login; the probe says
+    /// LOGOUT). The whole probe is bounded by the connect timeout, so a client waiting for its
+    /// greeting never waits longer than that.
+    ///
+    /// # Errors
+    /// Any [`ConnectError`]; the caller falls back to the default list.
+    pub async fn sieve_capabilities(
+        &self,
+        service: BackendService,
+    ) -> Result<Vec<crate::proto::sieve::Capability>, ConnectError> {
+        let probe = crate::proto::sieve::SieveProbe::new();
+        let work = self.drive(service, None, probe);
+        let logged_in = tokio::time::timeout(self.connect_timeout, work)
+            .await
+            .map_err(|_| ConnectError::ConnectTimeout)??;
+        Ok(logged_in
+            .capabilities
+            .iter()
+            .map(|c| crate::proto::sieve::capability_from_string(c))
+            .collect())
+    }
+
     /// Connects to the backend service and runs `login` (a protocol's master-login machine).
     ///
     /// # Errors
@@ -157,54 +200,74 @@ impl Connector {
         &self,
         service: BackendService,
         facts: &ClientFacts,
-        mut login: B,
+        login: B,
     ) -> Result<LoggedIn, ConnectError> {
-        let work = async {
-            let tcp = self.tcp(service, facts).await?;
-            let mut conn = match service.tls {
-                BackendTls::Implicit => self.upgrade(tcp).await?,
-                _ => Conn::Plain(tcp),
-            };
-            let mut buf = vec![0u8; 4096];
-            loop {
-                let ev = login.advance();
-                let out = login.take_output();
-                if !out.is_empty() {
-                    conn.write_all(&out).await.map_err(ConnectError::Io)?;
-                }
-                match ev {
-                    BackendEvent::NeedInput => {
-                        let n = conn.read(&mut buf).await.map_err(ConnectError::Io)?;
-                        if n == 0 {
-                            return Err(BackendError::Closed.into());
-                        }
-                        login.feed(&buf[..n]);
-                    }
-                    BackendEvent::StartTls => {
-                        let Conn::Plain(tcp) = conn else {
-                            return Err(BackendError::Protocol.into());
-                        };
-                        conn = self.upgrade(tcp).await?;
-                        login.tls_started();
-                        let out = login.take_output();
-                        conn.write_all(&out).await.map_err(ConnectError::Io)?;
-                    }
-                    BackendEvent::LoggedIn(capabilities) => {
-                        let leftover = login.take_leftover();
-                        return Ok(LoggedIn {
-                            conn,
-                            capabilities,
-                            leftover,
-                        });
-                    }
-                    BackendEvent::Failed(e) => return Err(e.into()),
-                }
-            }
-        };
-        tokio::time::timeout(self.login_timeout, work)
+        tokio::time::timeout(self.login_timeout, self.drive(service, Some(facts), login))
             .await
             .map_err(|_| ConnectError::LoginTimeout)?
     }
+
+    /// Connects and runs a backend machine to its end, without a deadline of its own.
+    async fn drive<B: BackendMachine>(
+        &self,
+        service: BackendService,
+        facts: Option<&ClientFacts>,
+        mut login: B,
+    ) -> Result<LoggedIn, ConnectError> {
+        let tcp = self.tcp(service, facts).await?;
+        let mut conn = match service.tls {
+            BackendTls::Implicit => self.upgrade(tcp).await?,
+            _ => Conn::Plain(tcp),
+        };
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let ev = login.advance();
+            let out = login.take_output();
+            if !out.is_empty() {
+                conn.write_all(&out).await.map_err(ConnectError::Io)?;
+            }
+            match ev {
+                BackendEvent::NeedInput => {
+                    let n = conn.read(&mut buf).await.map_err(ConnectError::Io)?;
+                    if n == 0 {
+                        return Err(BackendError::Closed.into());
+                    }
+                    login.feed(&buf[..n]);
+                }
+                BackendEvent::StartTls => {
+                    let Conn::Plain(tcp) = conn else {
+                        return Err(BackendError::Protocol.into());
+                    };
+                    conn = self.upgrade(tcp).await?;
+                    login.tls_started();
+                    let out = login.take_output();
+                    conn.write_all(&out).await.map_err(ConnectError::Io)?;
+                }
+                BackendEvent::LoggedIn(capabilities) => {
+                    let leftover = login.take_leftover();
+                    return Ok(LoggedIn {
+                        conn,
+                        capabilities,
+                        leftover,
+                    });
+                }
+                BackendEvent::Failed(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// A PROXY v2 LOCAL header: the proxy's own connection, no client address to report.
+///
+/// # Errors
+/// Only if the header cannot be encoded.
+pub fn proxy_v2_local_header() -> std::io::Result<Vec<u8>> {
+    use ppp::v2::{AddressFamily, Builder, Command, Protocol, Version};
+    Builder::new(
+        Version::Two | Command::Local,
+        AddressFamily::Unspecified | Protocol::Unspecified,
+    )
+    .build()
 }
 
 /// PROXY protocol v2 header carrying the client's address and, when the client leg was TLS, the
@@ -270,5 +333,13 @@ mod tests {
         .unwrap();
         let parsed = ppp::v2::Header::try_from(plain.as_slice()).unwrap();
         assert_eq!(parsed.tlvs().count(), 0);
+    }
+
+    #[test]
+    fn local_header_carries_no_address() {
+        let bytes = proxy_v2_local_header().unwrap();
+        let parsed = ppp::v2::Header::try_from(bytes.as_slice()).unwrap();
+        assert_eq!(parsed.command, ppp::v2::Command::Local);
+        assert_eq!(parsed.addresses, ppp::v2::Addresses::Unspecified);
     }
 }

@@ -123,6 +123,7 @@ impl Server {
             authn,
             backend,
             rules,
+            sieve_capabilities: crate::session::sieve::SieveCapabilities::new(),
             shutdown: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
         });
@@ -287,7 +288,10 @@ async fn accept_loop(
             match ctx.protocol {
                 Protocol::Imap => crate::session::imap::run(shared, ctx, conn_ctx, conn, tls).await,
                 Protocol::Pop3 => crate::session::pop3::run(shared, ctx, conn_ctx, conn, tls).await,
-                Protocol::Submission | Protocol::ManageSieve | Protocol::Http => {}
+                Protocol::ManageSieve => {
+                    crate::session::sieve::run(shared, ctx, conn_ctx, conn, tls).await;
+                }
+                Protocol::Submission | Protocol::Http => {}
             }
         });
     }

@@ -17,6 +17,7 @@ use crate::Protocol;
 pub mod imap;
 pub mod pop3;
 pub mod runner;
+pub mod sieve;
 
 /// Services every session shares.
 pub struct Shared {
@@ -24,6 +25,8 @@ pub struct Shared {
     pub authn: Checked,
     pub backend: Connector,
     pub rules: IdentityRules,
+    /// What ManageSieve greetings advertise, learnt from the backend.
+    pub sieve_capabilities: sieve::SieveCapabilities,
     /// Fired by SIGTERM: pre-login sessions say goodbye, listeners stop accepting.
     pub shutdown: CancellationToken,
     /// Fired when the shutdown grace period is over: spliced sessions are closed.
