@@ -24,6 +24,8 @@ pub struct ProxyOptions {
     pub backend_imap_port: u16,
     /// Dovecot's POP3 port (0: no POP3 listeners).
     pub backend_pop3_port: u16,
+    /// Dovecot's ManageSieve port (0: no ManageSieve listener).
+    pub backend_sieve_port: u16,
     /// `none`, `starttls` or `implicit`.
     pub backend_imap_tls: String,
     /// Extra keys for `[backend]` (e.g. `tls_ca_file`, `proxy_protocol`).
@@ -43,6 +45,7 @@ impl ProxyOptions {
         Self {
             backend_imap_port,
             backend_pop3_port: 0,
+            backend_sieve_port: 0,
             backend_imap_tls: "none".into(),
             backend_extra: String::new(),
             master_secret: master_secret.to_owned(),
@@ -76,6 +79,8 @@ pub struct Proxy {
     /// POP3 with implicit TLS and with STLS (0 when not configured).
     pub pop3s: u16,
     pub pop3_starttls: u16,
+    /// ManageSieve with STARTTLS (0 when not configured).
+    pub sieve: u16,
 }
 
 impl Proxy {
@@ -103,6 +108,22 @@ impl Proxy {
             )
         } else {
             String::new()
+        };
+        let sieve = if opts.backend_sieve_port != 0 {
+            free_port()
+        } else {
+            0
+        };
+        let (sieve_listener, sieve_backend) = if sieve != 0 {
+            (
+                format!("[[listener]]\nprotocol = \"managesieve\"\nbind = [\"127.0.0.1:{sieve}\"]\ntls = \"starttls\"\n"),
+                format!(
+                    "managesieve = {{ port = {}, tls = \"none\" }}",
+                    opts.backend_sieve_port
+                ),
+            )
+        } else {
+            (String::new(), String::new())
         };
         let certs = repo().join("certs-dev");
         let config = format!(
@@ -134,9 +155,12 @@ allow_plaintext_auth = true
 
 {pop3}
 
+{sieve_listener}
+
 [backend]
 host = "127.0.0.1"
 {pop3_backend}
+{sieve_backend}
 imap = {{ port = {backend}, tls = "{backend_tls}" }}
 {backend_extra}
 
@@ -186,8 +210,16 @@ per_ip_new_per_minute = 10000
             imap_plain,
             pop3s,
             pop3_starttls,
+            sieve,
         };
-        for port in [imaps, imap_starttls, imap_plain, pop3s, pop3_starttls] {
+        for port in [
+            imaps,
+            imap_starttls,
+            imap_plain,
+            pop3s,
+            pop3_starttls,
+            sieve,
+        ] {
             if port == 0 {
                 continue;
             }
@@ -296,6 +328,26 @@ impl Raw {
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         Raw {
             stream: Box::new(tcp),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Connects in the clear; also returns the socket, for a STARTTLS upgrade by hand
+    /// ([`Raw::over_tls`]).
+    pub fn plain_with_socket(port: u16) -> (Raw, TcpStream) {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let raw = Raw {
+            stream: Box::new(tcp.try_clone().unwrap()),
+            buf: Vec::new(),
+        };
+        (raw, tcp)
+    }
+
+    /// A TLS client over `tcp` (after the protocol's STARTTLS exchange).
+    pub fn over_tls(tcp: TcpStream, alpn: &[&str]) -> Raw {
+        Raw {
+            stream: Box::new(tls_over(tcp, alpn).unwrap()),
             buf: Vec::new(),
         }
     }
