@@ -356,7 +356,6 @@ impl PreLogin for SievePreAuth {
                     // A client that waits before sending `{n}` octets never sends these; one
                     // that does not sends them as commands, which are answered like any other.
                     self.state = State::Commands;
-                    self.framer = Framer::new(LIMITS);
                     self.protocol_error("NO \"Literal too large\"\r\n")
                 }
                 Frame::LiteralTooLarge { sync: false } => {

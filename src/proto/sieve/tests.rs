@@ -264,6 +264,14 @@ fn long_lines_and_large_literals() {
     );
     assert_eq!(out, "NO \"Literal too large\"\r\nOK \"NOOP completed\"\r\n");
     assert_eq!(close, None);
+    // Whatever follows the announcement is the next command, however it was split (found by
+    // fuzzing: a reset once dropped what had already arrived).
+    let one_chunk = drive(
+        &mut machine(true),
+        &[b"AUTHENTICATE \"PLAIN\" {9000}\r\nNOOP\r\n"],
+        Failure::Rejected,
+    );
+    assert_eq!(one_chunk, (out, vec![], None));
     // A non-synchronizing one is on its way: refuse and close.
     let mut m = machine(true);
     let (out, _, close) = drive(

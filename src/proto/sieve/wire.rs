@@ -24,8 +24,9 @@ pub enum Frame {
     Complete(Zeroizing<Vec<u8>>),
     /// The line part was over `line_max`; it was discarded to the end of the command.
     TooLong,
-    /// A literal over the bounds was announced. Its octets were not read and nothing further
-    /// will be framed; `sync` tells whether the announcement was `{n}` rather than `{n+}`.
+    /// A literal over the bounds was announced; its octets were not read. After `{n+}` (whose
+    /// octets are on their way) nothing further is framed; after `{n}` (`sync`), framing goes
+    /// on with what follows the announcement.
     LiteralTooLarge { sync: bool },
 }
 
@@ -156,9 +157,15 @@ impl Framer {
                     Some((n, sync)) => {
                         let total = self.literal_total.saturating_add(n);
                         if n > self.limits.literal_max || total > self.limits.literal_total {
-                            self.dead = true;
-                            self.buf.clear();
-                            self.pos = 0;
+                            if sync {
+                                // The octets are not read: what follows is the next command.
+                                self.buf.drain(..self.pos);
+                                self.reset_scan();
+                            } else {
+                                self.dead = true;
+                                self.buf.clear();
+                                self.pos = 0;
+                            }
                             return Some(Frame::LiteralTooLarge { sync });
                         }
                         self.literal_total = total;
@@ -449,8 +456,8 @@ mod tests {
             vec![Frame::LiteralTooLarge { sync: false }]
         );
         assert_eq!(
-            frames(&[b"A {30}\r\n", &[b'a'; 30], b" {30}\r\n"]),
-            vec![Frame::LiteralTooLarge { sync: true }]
+            frames(&[b"A {30}\r\n", &[b'a'; 30], b" {30}\r\nNOOP\r\n"]),
+            vec![Frame::LiteralTooLarge { sync: true }, complete(b"NOOP\r\n")]
         );
         assert_eq!(
             frames(&[b"A {99999999999999999999}\r\n"]),
