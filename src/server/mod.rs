@@ -123,7 +123,7 @@ impl Server {
             authn,
             backend,
             rules,
-            sieve_capabilities: crate::session::sieve::SieveCapabilities::new(),
+            sieve_capabilities: Arc::default(),
             shutdown: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
         });

@@ -26,7 +26,7 @@ pub struct Shared {
     pub backend: Connector,
     pub rules: IdentityRules,
     /// What ManageSieve greetings advertise, learnt from the backend.
-    pub sieve_capabilities: sieve::SieveCapabilities,
+    pub sieve_capabilities: Arc<sieve::SieveCapabilities>,
     /// Fired by SIGTERM: pre-login sessions say goodbye, listeners stop accepting.
     pub shutdown: CancellationToken,
     /// Fired when the shutdown grace period is over: spliced sessions are closed.

@@ -30,6 +30,8 @@ const RETRY: Duration = Duration::from_secs(30);
 /// waits for any of this: only connection tasks do.
 #[derive(Debug)]
 pub struct SieveCapabilities {
+    refresh: Duration,
+    retry: Duration,
     cached: Mutex<Cached>,
     /// One first probe at a time; the others wait for its answer.
     first: tokio::sync::Mutex<()>,
@@ -51,7 +53,14 @@ impl Default for SieveCapabilities {
 
 impl SieveCapabilities {
     pub fn new() -> Self {
+        Self::with_periods(REFRESH, RETRY)
+    }
+
+    /// A cache that asks again `refresh` after learning and `retry` after failing.
+    pub fn with_periods(refresh: Duration, retry: Duration) -> Self {
         Self {
+            refresh,
+            retry,
             cached: Mutex::new(Cached {
                 capabilities: Arc::new(default_capabilities()),
                 until: None,
@@ -72,59 +81,63 @@ impl SieveCapabilities {
         match learnt {
             Some(caps) => {
                 c.capabilities = Arc::new(caps);
-                c.until = Some(Instant::now() + REFRESH);
+                c.until = Some(Instant::now() + self.refresh);
             }
-            None => c.until = Some(Instant::now() + RETRY),
+            None => c.until = Some(Instant::now() + self.retry),
         }
+    }
+
+    /// The capabilities to greet with now. `probe` asks the backend (`None` if it could not):
+    /// awaited on first use, spawned when the cached list is due for a refresh, not called
+    /// otherwise.
+    pub async fn current<P, F>(self: &Arc<Self>, probe: P) -> Arc<Vec<Capability>>
+    where
+        P: FnOnce() -> F,
+        F: std::future::Future<Output = Option<Vec<Capability>>> + Send + 'static,
+    {
+        let (caps, known, refresh) = {
+            let mut c = self.lock();
+            let due = c.until.is_some_and(|u| Instant::now() >= u);
+            let refresh = due && !c.refreshing;
+            if refresh {
+                c.refreshing = true;
+            }
+            (c.capabilities.clone(), c.until.is_some(), refresh)
+        };
+        if refresh {
+            let me = self.clone();
+            let learnt = probe();
+            tokio::spawn(async move { me.store(learnt.await) });
+            return caps;
+        }
+        if known {
+            return caps;
+        }
+        let _first = self.first.lock().await;
+        if self.lock().until.is_none() {
+            self.store(probe().await);
+        }
+        let caps = self.lock().capabilities.clone();
+        caps
     }
 }
 
-/// Probes the backend and stores the answer.
-async fn refresh(shared: &SharedRef) {
-    let learnt = match shared.config.backend.service(Protocol::ManageSieve) {
-        Some(service) => match shared.backend.sieve_capabilities(service).await {
-            Ok(caps) => {
-                debug!(
-                    count = caps.len(),
-                    "learnt the backend's ManageSieve capabilities"
-                );
-                Some(caps)
-            }
-            Err(e) => {
-                warn!(error = %e, "could not learn the backend's ManageSieve capabilities; using what is cached");
-                None
-            }
-        },
-        None => None,
-    };
-    shared.sieve_capabilities.store(learnt);
-}
-
-/// The capabilities to greet with now.
-async fn capabilities(shared: &SharedRef) -> Arc<Vec<Capability>> {
-    let cache = &shared.sieve_capabilities;
-    let (caps, until, start_refresh) = {
-        let mut c = cache.lock();
-        let stale = c.until.is_some_and(|u| Instant::now() >= u);
-        let start = stale && !c.refreshing;
-        if start {
-            c.refreshing = true;
+/// Asks the backend for its capabilities.
+async fn probe(shared: SharedRef) -> Option<Vec<Capability>> {
+    let service = shared.config.backend.service(Protocol::ManageSieve)?;
+    match shared.backend.sieve_capabilities(service).await {
+        Ok(caps) => {
+            debug!(
+                count = caps.len(),
+                "learnt the backend's ManageSieve capabilities"
+            );
+            Some(caps)
         }
-        (c.capabilities.clone(), c.until, start)
-    };
-    if start_refresh {
-        let shared = shared.clone();
-        tokio::spawn(async move { refresh(&shared).await });
+        Err(e) => {
+            warn!(error = %e, "could not learn the backend's ManageSieve capabilities; using what is cached");
+            None
+        }
     }
-    if until.is_some() {
-        return caps;
-    }
-    let _first = cache.first.lock().await;
-    if cache.lock().until.is_none() {
-        refresh(shared).await;
-    }
-    let caps = cache.lock().capabilities.clone();
-    caps
 }
 
 /// Runs one ManageSieve connection to its end.
@@ -135,7 +148,11 @@ pub async fn run(
     conn: Conn,
     tls: Option<TlsInfo>,
 ) {
-    let capabilities = capabilities(&shared).await;
+    let learn = shared.clone();
+    let capabilities = shared
+        .sieve_capabilities
+        .current(move || probe(learn))
+        .await;
     let l = &shared.config.limits;
     let machine = SievePreAuth::new(SieveOptions {
         tls: conn.is_tls(),
@@ -155,4 +172,78 @@ pub async fn run(
         filters: splice_filters,
     };
     runner::run(shared, listener, ctx, conn, tls, plug).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn caps(name: &str) -> Vec<Capability> {
+        vec![(name.to_owned(), None)]
+    }
+
+    /// Lets a spawned refresh finish.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    #[tokio::test]
+    async fn learns_once_refreshes_in_the_background_and_falls_back() {
+        let (refresh, retry) = (Duration::from_millis(1500), Duration::from_millis(1000));
+        let cache = Arc::new(SieveCapabilities::with_periods(refresh, retry));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let probe = |answer: Option<Vec<Capability>>| {
+            let calls = calls.clone();
+            move || async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                answer
+            }
+        };
+        // The backend cannot be reached at first: the defaults, asked again after `retry`.
+        assert_eq!(*cache.current(probe(None)).await, default_capabilities());
+        assert_eq!(
+            *cache.current(probe(Some(caps("A")))).await,
+            default_capabilities()
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(retry).await;
+        // Due: the old list now, the new one once the background probe is done.
+        assert_eq!(
+            *cache.current(probe(Some(caps("A")))).await,
+            default_capabilities()
+        );
+        settle().await;
+        assert_eq!(*cache.current(probe(Some(caps("B")))).await, caps("A"));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // A learnt list lasts `refresh`; a failed refresh keeps it.
+        tokio::time::sleep(refresh).await;
+        assert_eq!(*cache.current(probe(None)).await, caps("A"));
+        settle().await;
+        assert_eq!(*cache.current(probe(None)).await, caps("A"));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_uses_share_one_probe() {
+        let cache = Arc::new(SieveCapabilities::new());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..5 {
+            let (cache, calls) = (cache.clone(), calls.clone());
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .current(move || async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Some(caps("X"))
+                    })
+                    .await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(*t.await.unwrap(), caps("X"));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
 }
