@@ -28,10 +28,11 @@ fn setup() -> (Dovecot, Proxy) {
              managesieve_implementation_string = Backend Sieve\n",
         )
         .start();
-    let proxy = setup_with(
-        &dovecot,
-        ProxyOptions::file_users(dovecot.imap_port(), dovecot.master_secret()),
-    );
+    let mut opts = ProxyOptions::file_users(dovecot.imap_port(), dovecot.master_secret());
+    // Password hashing on a busy two-core machine can outlast the 3 s default; a timeout is a
+    // temporary failure, which these tests would misread.
+    opts.authenticator.push_str("timeout = \"15s\"\n");
+    let proxy = setup_with(&dovecot, opts);
     (dovecot, proxy)
 }
 
@@ -365,4 +366,25 @@ fn backend_down_greets_with_the_default_list_and_logins_are_trylater() {
         .as_bytes(),
     );
     assert!(c.line().unwrap().starts_with("NO (TRYLATER)"));
+}
+
+#[test]
+fn commands_pipelined_behind_authenticate_wait_for_the_result() {
+    let (_dovecot, proxy) = setup();
+    let (mut c, _) = starttls(proxy.sieve);
+    c.send(
+        format!(
+            "AUTHENTICATE \"PLAIN\" \"{}\"\r\nLISTSCRIPTS\r\nAUTHENTICATE \"PLAIN\" \"{}\"\r\nNOOP \"spliced\"\r\n",
+            b64("\0alice\0wrong-password-xyz"),
+            b64("\0alice\0alice-password")
+        )
+        .as_bytes(),
+    );
+    assert_eq!(c.line().unwrap(), "NO \"Authentication failed\"\r\n");
+    // Answered locally (not logged in yet), never forwarded.
+    assert_eq!(c.line().unwrap(), "NO \"Authenticate first\"\r\n");
+    assert_eq!(c.line().unwrap(), "OK \"Logged in\"\r\n");
+    // Held during the login, then handed to the backend.
+    let noop = c.line().unwrap();
+    assert!(noop.starts_with("OK (TAG \"spliced\")"), "{noop}");
 }
