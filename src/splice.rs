@@ -1,7 +1,9 @@
-//! After login: copy bytes both ways with an idle timeout and byte counters. IMAP (and later
-//! ManageSieve) keep their light framers on the way: client→backend refuses `UNAUTHENTICATE`
+//! After login: copy bytes both ways with an idle timeout and byte counters. IMAP and
+//! ManageSieve keep their light framers on the way: client→backend refuses `UNAUTHENTICATE`
 //! locally, backend→client strips it from capability lists and is where local replies are
-//! inserted, at a response boundary so they never land inside a backend response.
+//! inserted, at a response boundary so they never land inside a backend response (ManageSieve,
+//! whose answers carry no tag, puts its refusals in the backend's own answer order instead; see
+//! `proto::sieve`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -145,9 +147,10 @@ impl Downstream for ResponseFramer {
 }
 
 /// Splices a session, with `up` and `down` watching each direction (IMAP: [`CommandFramer`]
-/// and [`ResponseFramer`]; others: [`Passthrough`]). `client_first` goes to the backend and `backend_first` to the
-/// client before anything else (bytes already read during login). `stop` ends the splice (the
-/// server fires it when the shutdown grace period is over).
+/// and [`ResponseFramer`]; ManageSieve: `proto::sieve::splice_filters`; others:
+/// [`Passthrough`]). `client_first` goes to the backend and `backend_first` to the client before
+/// anything else (bytes already read during login). `stop` ends the splice (the server fires it
+/// when the shutdown grace period is over).
 pub async fn run<U: Upstream, D: Downstream>(
     (mut up, mut down): (U, D),
     client: Conn,

@@ -101,8 +101,8 @@ impl Connector {
         })
     }
 
-    /// Connects; `facts` is the client the PROXY header names (`None`: the proxy's own
-    /// connection, sent as a v2 `LOCAL` header).
+    /// Connects; with PROXY v2 on, sends the header for `facts`, or a LOCAL header (a
+    /// connection of the proxy's own, such as a probe) when there is no client.
     async fn tcp(
         &self,
         service: BackendService,
@@ -191,6 +191,21 @@ impl Connector {
         )
     }
 
+    /// The master login for `account` in ManageSieve.
+    pub fn sieve_machine(
+        &self,
+        account: &str,
+        service: BackendService,
+    ) -> crate::proto::sieve::SieveBackendLogin {
+        crate::proto::sieve::SieveBackendLogin::new(
+            account,
+            &self.master_user,
+            &self.separator,
+            &self.master_secret,
+            service.tls == BackendTls::Starttls,
+        )
+    }
+
     /// Connects to the backend service and runs `login` (a protocol's master-login machine).
     ///
     /// # Errors
@@ -201,76 +216,91 @@ impl Connector {
         facts: &ClientFacts,
         login: B,
     ) -> Result<LoggedIn, ConnectError> {
-        self.run(service, Some(facts), login).await
+        tokio::time::timeout(self.login_timeout, self.drive(service, Some(facts), login))
+            .await
+            .map_err(|_| ConnectError::LoginTimeout)?
     }
 
     /// Runs a probe machine (one that ends with `LoggedIn(capabilities)` without logging in)
-    /// and returns what it learned. The connection is the proxy's own: PROXY `LOCAL`.
+    /// and returns what it learned. The connection is the proxy's own (PROXY v2 `LOCAL`), and
+    /// the whole probe is bounded by the connect timeout, so a client waiting for its greeting
+    /// never waits longer than that.
     ///
     /// # Errors
-    /// Any [`ConnectError`].
+    /// Any [`ConnectError`]; the caller falls back to the protocol's defaults.
     pub async fn probe<B: BackendMachine>(
         &self,
         service: BackendService,
         probe: B,
     ) -> Result<Vec<String>, ConnectError> {
-        let mut done = self.run(service, None, probe).await?;
+        let mut done = tokio::time::timeout(self.connect_timeout, self.drive(service, None, probe))
+            .await
+            .map_err(|_| ConnectError::ConnectTimeout)??;
         let _ = tokio::time::timeout(Duration::from_secs(1), done.conn.shutdown()).await;
         Ok(done.capabilities)
     }
 
-    async fn run<B: BackendMachine>(
+    /// Connects and runs a backend machine to its end, without a deadline of its own.
+    async fn drive<B: BackendMachine>(
         &self,
         service: BackendService,
         facts: Option<&ClientFacts>,
         mut login: B,
     ) -> Result<LoggedIn, ConnectError> {
-        let work = async {
-            let tcp = self.tcp(service, facts).await?;
-            let mut conn = match service.tls {
-                BackendTls::Implicit => self.upgrade(tcp).await?,
-                _ => Conn::Plain(tcp),
-            };
-            let mut buf = vec![0u8; 4096];
-            loop {
-                let ev = login.advance();
-                let out = login.take_output();
-                if !out.is_empty() {
+        let tcp = self.tcp(service, facts).await?;
+        let mut conn = match service.tls {
+            BackendTls::Implicit => self.upgrade(tcp).await?,
+            _ => Conn::Plain(tcp),
+        };
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let ev = login.advance();
+            let out = login.take_output();
+            if !out.is_empty() {
+                conn.write_all(&out).await.map_err(ConnectError::Io)?;
+            }
+            match ev {
+                BackendEvent::NeedInput => {
+                    let n = conn.read(&mut buf).await.map_err(ConnectError::Io)?;
+                    if n == 0 {
+                        return Err(BackendError::Closed.into());
+                    }
+                    login.feed(&buf[..n]);
+                }
+                BackendEvent::StartTls => {
+                    let Conn::Plain(tcp) = conn else {
+                        return Err(BackendError::Protocol.into());
+                    };
+                    conn = self.upgrade(tcp).await?;
+                    login.tls_started();
+                    let out = login.take_output();
                     conn.write_all(&out).await.map_err(ConnectError::Io)?;
                 }
-                match ev {
-                    BackendEvent::NeedInput => {
-                        let n = conn.read(&mut buf).await.map_err(ConnectError::Io)?;
-                        if n == 0 {
-                            return Err(BackendError::Closed.into());
-                        }
-                        login.feed(&buf[..n]);
-                    }
-                    BackendEvent::StartTls => {
-                        let Conn::Plain(tcp) = conn else {
-                            return Err(BackendError::Protocol.into());
-                        };
-                        conn = self.upgrade(tcp).await?;
-                        login.tls_started();
-                        let out = login.take_output();
-                        conn.write_all(&out).await.map_err(ConnectError::Io)?;
-                    }
-                    BackendEvent::LoggedIn(capabilities) => {
-                        let leftover = login.take_leftover();
-                        return Ok(LoggedIn {
-                            conn,
-                            capabilities,
-                            leftover,
-                        });
-                    }
-                    BackendEvent::Failed(e) => return Err(e.into()),
+                BackendEvent::LoggedIn(capabilities) => {
+                    let leftover = login.take_leftover();
+                    return Ok(LoggedIn {
+                        conn,
+                        capabilities,
+                        leftover,
+                    });
                 }
+                BackendEvent::Failed(e) => return Err(e.into()),
             }
-        };
-        tokio::time::timeout(self.login_timeout, work)
-            .await
-            .map_err(|_| ConnectError::LoginTimeout)?
+        }
     }
+}
+
+/// A PROXY v2 LOCAL header: the proxy's own connection, no client address to report.
+///
+/// # Errors
+/// Only if the header cannot be encoded.
+pub fn proxy_v2_local_header() -> std::io::Result<Vec<u8>> {
+    use ppp::v2::{AddressFamily, Builder, Command, Protocol, Version};
+    Builder::new(
+        Version::Two | Command::Local,
+        AddressFamily::Unspecified | Protocol::Unspecified,
+    )
+    .build()
 }
 
 /// PROXY protocol v2 header carrying the client's address and, when the client leg was TLS, the
@@ -302,19 +332,6 @@ pub fn proxy_v2_header(facts: &ClientFacts) -> std::io::Result<Vec<u8>> {
         builder = builder.write_tlv(Type::SSL, &value)?;
     }
     builder.build()
-}
-
-/// PROXY protocol v2 `LOCAL` header: the connection is the proxy's own (a capability probe).
-///
-/// # Errors
-/// Only if the header cannot be encoded.
-pub fn proxy_v2_local_header() -> std::io::Result<Vec<u8>> {
-    use ppp::v2::{AddressFamily, Builder, Command, Protocol, Version};
-    Builder::new(
-        Version::Two | Command::Local,
-        AddressFamily::Unspecified | Protocol::Unspecified,
-    )
-    .build()
 }
 
 #[cfg(test)]
@@ -349,5 +366,13 @@ mod tests {
         .unwrap();
         let parsed = ppp::v2::Header::try_from(plain.as_slice()).unwrap();
         assert_eq!(parsed.tlvs().count(), 0);
+    }
+
+    #[test]
+    fn local_header_carries_no_address() {
+        let bytes = proxy_v2_local_header().unwrap();
+        let parsed = ppp::v2::Header::try_from(bytes.as_slice()).unwrap();
+        assert_eq!(parsed.command, ppp::v2::Command::Local);
+        assert_eq!(parsed.addresses, ppp::v2::Addresses::Unspecified);
     }
 }

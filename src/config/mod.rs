@@ -730,9 +730,15 @@ impl Config {
             if l.protocol == Protocol::Http && l.tls == ListenerTls::Starttls {
                 return Err(invalid(key("tls"), "http has no STARTTLS"));
             }
+            if l.protocol == Protocol::ManageSieve && l.tls == ListenerTls::Implicit {
+                return Err(invalid(
+                    key("tls"),
+                    "managesieve has no implicit TLS (RFC 5804): use \"starttls\"",
+                ));
+            }
             if !matches!(
                 l.protocol,
-                Protocol::Imap | Protocol::Pop3 | Protocol::Submission
+                Protocol::Imap | Protocol::Pop3 | Protocol::Submission | Protocol::ManageSieve
             ) {
                 return Err(invalid(
                     key("protocol"),
@@ -921,6 +927,24 @@ users_file = "config/users.toml"
         assert!(e.starts_with("listener[0].tls:"), "{e}");
         let e = err(&MINIMAL.replace("kind = \"file\"", "kind = \"nginx\"\nurl = \"ftp://x\""));
         assert!(e.starts_with("authenticator.url:"), "{e}");
+    }
+
+    #[test]
+    fn managesieve_listeners_need_their_backend_and_starttls() {
+        let sieve = MINIMAL.replace("protocol = \"imap\"", "protocol = \"managesieve\"");
+        let e = err(&sieve);
+        assert!(e.starts_with("backend.managesieve:"), "{e}");
+        let with_backend = sieve.replace(
+            "imap = { port = 143, tls = \"none\" }",
+            "managesieve = { port = 4190, tls = \"none\" }",
+        );
+        let c = Config::parse(&with_backend).unwrap();
+        assert_eq!(c.listeners[0].protocol, Protocol::ManageSieve);
+        let e = err(&format!(
+            "[tls]\ndefault_cert = \"a\"\ndefault_key = \"b\"\n{}",
+            with_backend.replace("tls = \"none\"\n", "tls = \"implicit\"\n")
+        ));
+        assert!(e.starts_with("listener[0].tls:"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod imap;
 pub mod line;
 pub mod pop3;
 pub mod prelogin;
+pub mod sieve;
 pub mod smtp;
 
 /// True if `line` looks like an HTTP request line (`GET / HTTP/1.1`). A mail port that receives

@@ -304,6 +304,10 @@ impl PreLogin for Pop3PreAuth {
         None
     }
 
+    fn pipelined_goodbye(&self) -> &'static [u8] {
+        b"-ERR Too much data pipelined before login\r\n"
+    }
+
     fn take_leftover(mut self) -> Option<Vec<u8>> {
         Some(self.lines.take_rest())
     }

@@ -66,11 +66,13 @@ pub trait PreLogin: Send {
     fn timed_out(&mut self);
     /// Queues the goodbye for a server shutdown.
     fn shutdown(&mut self) -> Event;
-    /// Queues the success reply, with the backend's (filtered) capabilities where the protocol
-    /// sends them.
+    /// Queues the success reply. `capabilities` are the backend's, unfiltered: a protocol that
+    /// relays them removes what only the proxy decides.
     fn login_succeeded(&mut self, capabilities: &[String]);
     /// Queues the failure reply; `Some(Close)` when the connection must end.
     fn login_failed(&mut self, failure: Failure) -> Option<Event>;
+    /// The goodbye written when [`PreLogin::take_leftover`] gives `None`.
+    fn pipelined_goodbye(&self) -> &'static [u8];
     /// Bytes pipelined after the login command, to forward; `None` if over the bound.
     fn take_leftover(self) -> Option<Vec<u8>>
     where

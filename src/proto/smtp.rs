@@ -413,6 +413,10 @@ impl PreLogin for SmtpPreAuth {
         None
     }
 
+    fn pipelined_goodbye(&self) -> &'static [u8] {
+        b"421 4.7.0 Too much data pipelined before authentication\r\n"
+    }
+
     fn take_leftover(mut self) -> Option<Vec<u8>> {
         Some(self.lines.take_rest())
     }

@@ -394,7 +394,10 @@ async fn accept_loop(
                 Protocol::Submission => {
                     crate::session::smtp::run(shared, ctx, conn_ctx, conn, tls).await;
                 }
-                Protocol::ManageSieve | Protocol::Http => {}
+                Protocol::ManageSieve => {
+                    crate::session::sieve::run(shared, ctx, conn_ctx, conn, tls).await;
+                }
+                Protocol::Http => {}
             }
         });
     }

@@ -19,6 +19,7 @@ use crate::Protocol;
 pub mod imap;
 pub mod pop3;
 pub mod runner;
+pub mod sieve;
 pub mod smtp;
 
 /// Services every session shares.
@@ -59,9 +60,6 @@ impl Shared {
     }
 }
 
-/// Longest a greeting waits for the first probe of the backend's capabilities.
-const FIRST_PROBE_WAIT: Duration = Duration::from_secs(3);
-
 /// The backend's capabilities for `protocol` as `probe` learns them (see
 /// [`crate::backend::learned`]); `None` means use the protocol's defaults.
 pub async fn learned_capabilities<B, P>(
@@ -76,20 +74,10 @@ where
     let service = shared.config.backend.service(protocol)?;
     let run = |shared: SharedRef| async move {
         let machine = probe(&shared.backend, service);
-        let got =
-            tokio::time::timeout(FIRST_PROBE_WAIT, shared.backend.probe(service, machine)).await;
-        let values = match got {
-            Ok(Ok(values)) => Some(values),
-            Ok(Err(e)) => {
-                tracing::warn!(event = "backend_probe", proto = protocol.label(), error = %e, "could not learn the backend's capabilities");
-                None
-            }
-            Err(_) => {
-                tracing::warn!(
-                    event = "backend_probe",
-                    proto = protocol.label(),
-                    "backend capability probe timed out"
-                );
+        let values = match shared.backend.probe(service, machine).await {
+            Ok(values) => Some(values),
+            Err(e) => {
+                tracing::warn!(event = "backend_probe", proto = protocol.label(), error = %e, "could not learn the backend's capabilities; using what is cached or the defaults");
                 None
             }
         };

@@ -14,7 +14,6 @@ use crate::config::BackendService;
 use crate::guard::{Decision, Outcome};
 use crate::identity::LogName;
 use crate::metrics::{BytesLabels, DecisionLabels, GaugeGuard, ProtoLabels};
-use crate::proto::imap::keep_post_login_capability;
 use crate::proto::prelogin::{BackendMachine, Close, Event, Failure, PreLogin};
 use crate::secret::Secret;
 use crate::splice::{Downstream, Upstream};
@@ -255,24 +254,16 @@ async fn drive<M, BM, B, U, D, F>(
                         let login = make_backend(&shared.backend, &account, service);
                         match shared.backend.login(service, &facts, login).await {
                             Ok(backend) => {
-                                let caps: Vec<String> = backend
-                                    .capabilities
-                                    .into_iter()
-                                    .filter(|c| keep_post_login_capability(c))
-                                    .collect();
-                                machine.login_succeeded(&caps);
+                                machine.login_succeeded(&backend.capabilities);
                                 if conn.write_all(&machine.take_output()).await.is_err() {
                                     return;
                                 }
                                 shared.metrics.auth(protocol.label(), mechanism, "accept");
                                 observe_latency(&shared, protocol, started);
                                 info!(event = "auth", result = "accept", %user, account = %LogName(account.as_bytes()), mechanism, attempt, authenticator = shared.authn.kind(), latency_ms = started.elapsed().as_millis() as u64, "login accepted");
+                                let goodbye = machine.pipelined_goodbye();
                                 let Some(leftover) = machine.take_leftover() else {
-                                    let _ = conn
-                                        .write_all(
-                                            b"* BYE Too much data pipelined before login\r\n",
-                                        )
-                                        .await;
+                                    let _ = conn.write_all(goodbye).await;
                                     return;
                                 };
                                 let labels = ProtoLabels {

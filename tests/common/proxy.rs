@@ -26,6 +26,8 @@ pub struct ProxyOptions {
     pub backend_pop3_port: u16,
     /// Dovecot's submission port (0: no submission listeners).
     pub backend_submission_port: u16,
+    /// Dovecot's ManageSieve port (0: no ManageSieve listener).
+    pub backend_sieve_port: u16,
     /// `none`, `starttls` or `implicit`.
     pub backend_imap_tls: String,
     /// Extra keys for `[backend]` (e.g. `tls_ca_file`, `proxy_protocol`).
@@ -43,16 +45,20 @@ pub struct ProxyOptions {
 }
 
 impl ProxyOptions {
+    /// The demo users file. The authenticator deadline is long: password hashing on a busy
+    /// two-core machine can outlast the 3 s default, and a timeout is a temporary failure, which
+    /// the tests would misread.
     pub fn file_users(backend_imap_port: u16, master_secret: &str) -> Self {
         Self {
             backend_imap_port,
             backend_pop3_port: 0,
             backend_submission_port: 0,
+            backend_sieve_port: 0,
             backend_imap_tls: "none".into(),
             backend_extra: String::new(),
             master_secret: master_secret.to_owned(),
             authenticator: format!(
-                "kind = \"file\"\nusers_file = \"{}\"\ntimeout = \"10s\"\n",
+                "kind = \"file\"\nusers_file = \"{}\"\ntimeout = \"15s\"\n",
                 repo().join("config/users.toml").display()
             ),
             guard: String::new(),
@@ -85,6 +91,8 @@ pub struct Proxy {
     /// Submission with implicit TLS and with STARTTLS (0 when not configured).
     pub submissions: u16,
     pub submission_starttls: u16,
+    /// ManageSieve with STARTTLS (0 when not configured).
+    pub sieve: u16,
 }
 
 impl Proxy {
@@ -133,6 +141,22 @@ impl Proxy {
         } else {
             String::new()
         };
+        let sieve = if opts.backend_sieve_port != 0 {
+            free_port()
+        } else {
+            0
+        };
+        let (sieve_listener, sieve_backend) = if sieve != 0 {
+            (
+                format!("[[listener]]\nprotocol = \"managesieve\"\nbind = [\"127.0.0.1:{sieve}\"]\ntls = \"starttls\"\n"),
+                format!(
+                    "managesieve = {{ port = {}, tls = \"none\" }}",
+                    opts.backend_sieve_port
+                ),
+            )
+        } else {
+            (String::new(), String::new())
+        };
         let certs = repo().join("certs-dev");
         let config = format!(
             r#"
@@ -164,11 +188,13 @@ allow_plaintext_auth = true
 {pop3}
 
 {submission}
+{sieve_listener}
 
 [backend]
 host = "127.0.0.1"
 {pop3_backend}
 {submission_backend}
+{sieve_backend}
 imap = {{ port = {backend}, tls = "{backend_tls}" }}
 {backend_extra}
 
@@ -222,6 +248,7 @@ per_ip_new_per_minute = 10000
             pop3_starttls,
             submissions,
             submission_starttls,
+            sieve,
         };
         for port in [
             imaps,
@@ -231,6 +258,7 @@ per_ip_new_per_minute = 10000
             pop3_starttls,
             submissions,
             submission_starttls,
+            sieve,
         ] {
             if port == 0 {
                 continue;
@@ -357,6 +385,26 @@ impl Raw {
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         Raw {
             stream: Box::new(tcp),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Connects in the clear; also returns the socket, for a STARTTLS upgrade by hand
+    /// ([`Raw::over_tls`]).
+    pub fn plain_with_socket(port: u16) -> (Raw, TcpStream) {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let raw = Raw {
+            stream: Box::new(tcp.try_clone().unwrap()),
+            buf: Vec::new(),
+        };
+        (raw, tcp)
+    }
+
+    /// A TLS client over `tcp` (after the protocol's STARTTLS exchange).
+    pub fn over_tls(tcp: TcpStream, alpn: &[&str]) -> Raw {
+        Raw {
+            stream: Box::new(tls_over(tcp, alpn).unwrap()),
             buf: Vec::new(),
         }
     }

@@ -615,10 +615,18 @@ impl PreLogin for PreAuth {
         PreAuth::shutdown(self)
     }
     fn login_succeeded(&mut self, capabilities: &[String]) {
-        PreAuth::login_succeeded(self, capabilities);
+        let kept: Vec<String> = capabilities
+            .iter()
+            .filter(|c| super::keep_post_login_capability(c))
+            .cloned()
+            .collect();
+        PreAuth::login_succeeded(self, &kept);
     }
     fn login_failed(&mut self, failure: Failure) -> Option<Event> {
         PreAuth::login_failed(self, failure)
+    }
+    fn pipelined_goodbye(&self) -> &'static [u8] {
+        b"* BYE Too much data pipelined before login\r\n"
     }
     fn take_leftover(self) -> Option<Vec<u8>> {
         PreAuth::take_leftover(self)
