@@ -96,7 +96,21 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// Starts the proxy; when a free port was taken by someone else in the meantime (the proxy
+    /// cannot bind), tries again with fresh ports.
     pub fn start(opts: ProxyOptions) -> Proxy {
+        let mut last = String::new();
+        for _ in 0..4 {
+            match Self::try_start(&opts) {
+                Ok(proxy) => return proxy,
+                Err(log) if log.contains("cannot bind") => last = log,
+                Err(log) => panic!("portcullis did not start; log:\n{log}"),
+            }
+        }
+        panic!("portcullis could not bind its ports; log:\n{last}");
+    }
+
+    fn try_start(opts: &ProxyOptions) -> Result<Proxy, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let secret = dir.path().join("master.secret");
         std::fs::write(&secret, format!("{}\n", opts.master_secret)).unwrap();
@@ -263,13 +277,11 @@ per_ip_new_per_minute = 10000
             if port == 0 {
                 continue;
             }
-            assert!(
-                wait_for_port(port, Duration::from_secs(10)),
-                "portcullis did not listen on {port}; log:\n{}",
-                proxy.log()
-            );
+            if !wait_for_port(port, Duration::from_secs(10)) {
+                return Err(proxy.log());
+            }
         }
-        proxy
+        Ok(proxy)
     }
 
     pub fn config_path(&self) -> PathBuf {
