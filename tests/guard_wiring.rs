@@ -279,3 +279,32 @@ fn per_account_session_cap_and_reload() {
     first.send(b"b NOOP\r\n");
     assert!(first.until("b ").pop().unwrap().starts_with("b OK"));
 }
+
+#[test]
+fn an_account_under_attack_stays_open_to_its_known_address() {
+    // Only an account window here (the ip window of `setup_with` is replaced).
+    let dovecot = Dovecot::start();
+    let mut opts = ProxyOptions::file_users(dovecot.imap_port(), dovecot.master_secret());
+    opts.guard = "ban_initial = \"1m\"\nban_jitter = 0.0\n".into();
+    opts.extra = "[[guard.window]]\nkey = \"account\"\nperiod = \"1m\"\nmax = 2\n".into();
+    let proxy = Proxy::start(opts);
+    let from = |ip: [u8; 4], command: &str| {
+        let mut c = Raw::plain_from(proxy.imap_plain, std::net::Ipv4Addr::from(ip));
+        c.line();
+        c.send(command.as_bytes());
+        c.until("a ").pop().unwrap_or_default()
+    };
+    // Alice logs in from home with her short name, as her phone does.
+    assert!(from([127, 0, 0, 1], RIGHT).starts_with("a OK"));
+    // Attackers elsewhere guess her password with her short name.
+    for (n, ip) in [[127, 0, 0, 21], [127, 0, 0, 22], [127, 0, 0, 23]]
+        .into_iter()
+        .enumerate()
+    {
+        assert!(from(ip, &wrong(n as u32)).starts_with("a NO"));
+    }
+    // Under protection: a new address is refused even with the right password...
+    assert!(from([127, 0, 0, 24], RIGHT).starts_with("a NO [AUTHENTICATIONFAILED]"));
+    // ...but her known address still gets in.
+    assert!(from([127, 0, 0, 1], RIGHT).starts_with("a OK"));
+}

@@ -230,6 +230,11 @@ async fn drive<M, BM, B, U, D, F>(
                 let failure = match verdict {
                     Verdict::Accept { account } => {
                         shared.guard.succeeded(ip, &account).await;
+                        if !username.eq_ignore_ascii_case(&account) {
+                            // Failures were counted under the name as typed ("alice"): the
+                            // success must clear and vouch for that key too.
+                            shared.guard.succeeded(ip, &username).await;
+                        }
                         let Some(_session) = shared.guard.session(&account) else {
                             warn!(event = "auth", result = "session_cap", %user, account = %LogName(account.as_bytes()), "too many sessions for this account");
                             shared
