@@ -21,6 +21,9 @@ const BUF_MIN: usize = 2 * 1024;
 /// Largest read buffer per direction: a full TLS record, for bulk transfers.
 const BUF_MAX: usize = 16 * 1024;
 
+/// How long the backend may keep answering after the client closed its sending side.
+const DRAIN: Duration = Duration::from_secs(5);
+
 /// A read buffer that grows while reads fill it (a download) and shrinks back after a few
 /// small reads (an idle or interactive session), so thousands of idle IMAP IDLE sessions do
 /// not each pin 32 KiB.
@@ -264,10 +267,19 @@ pub async fn run<U: Upstream, D: Downstream>(
 
     let end = tokio::select! {
         end = async {
-            // Either side closing ends the session: IMAP has no half-close.
+            tokio::pin!(upstream);
+            tokio::pin!(downstream);
             tokio::select! {
-                e = upstream => e,
-                e = downstream => e,
+                e = &mut upstream => match e {
+                    // The client finished sending (a script piping `LOGOUT` or `QUIT` and
+                    // closing its side): the backend's write side was shut down; let its last
+                    // answers reach the client, for a bounded time.
+                    SpliceEnd::Closed => tokio::time::timeout(DRAIN, &mut downstream)
+                        .await
+                        .unwrap_or(SpliceEnd::Closed),
+                    other => other,
+                },
+                e = &mut downstream => e,
             }
         } => end,
         () = idle_watch => SpliceEnd::Idle,

@@ -582,3 +582,28 @@ fn per_ip_connection_cap_closes_without_greeting_and_spares_other_ips() {
     drop(a);
     greeted();
 }
+
+#[test]
+fn a_client_that_half_closes_after_logout_still_gets_the_answers() {
+    use std::io::{Read, Write};
+    let (_dovecot, proxy) = setup();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy.imap_plain)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut greeting = [0u8; 512];
+    let _ = s.read(&mut greeting).unwrap();
+    s.write_all(b"a LOGIN alice alice-password\r\n").unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("a OK") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the login answer");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // Everything at once, then the client closes its sending side, as `printf ... | nc` does.
+    s.write_all(b"b SELECT INBOX\r\nc LOGOUT\r\n").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("b OK"), "{rest}");
+    assert!(rest.contains("c OK"), "{rest}");
+}
