@@ -372,11 +372,14 @@ impl SieveUpstream {
             if let Up::Literal { left } = self.state {
                 let take = ((input.len() - i) as u64).min(left) as usize;
                 let data = &input[i..i + take];
-                if !data.iter().all(|&b| self.utf8.push(b)) {
-                    return Err(Malformed);
-                }
+                // Up to the first invalid byte, so that what was forwarded before the session is
+                // ended does not depend on how the bytes were split into reads.
+                let valid = data.iter().take_while(|&&b| self.utf8.push(b)).count();
                 if self.forwarding {
-                    out.forward.extend_from_slice(data);
+                    out.forward.extend_from_slice(&data[..valid]);
+                }
+                if valid < take {
+                    return Err(Malformed);
                 }
                 i += take;
                 let left = left - take as u64;

@@ -682,6 +682,19 @@ fn upstream_every_split_gives_the_same_result() {
 }
 
 #[test]
+fn invalid_utf8_in_a_literal_aborts_at_the_same_byte_whatever_the_split() {
+    // Found by fuzzing: the valid head of the literal used to be forwarded only when it arrived
+    // in an earlier read.
+    let input: &[u8] = b"PUTSCRIPT \"s\" {16}\r\nUNANAUTH\xb4\xb1\xab\xb6CATE\r\n";
+    let whole = up(&[input]);
+    assert!(whole.1);
+    assert!(whole.0.ends_with(b"{16+}\r\nUNANAUTH"));
+    for cut in 0..input.len() {
+        assert_eq!(up(&[&input[..cut], &input[cut..]]), whole, "cut {cut}");
+    }
+}
+
+#[test]
 fn bye_for_a_refused_command_passes_through() {
     let (mut u, mut d) = splice_filters();
     Upstream::push(&mut u, b"UNAUTHENTICATE\r\n");
