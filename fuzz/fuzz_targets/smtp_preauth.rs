@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use portcullis::identity::IdentityRules;
-use portcullis::proto::prelogin::{BackendMachine, Event, Failure, PreLogin};
+use portcullis::proto::prelogin::{script, BackendMachine, Failure, PreLogin};
 use portcullis::proto::smtp::reply::ReplyReader;
 use portcullis::proto::smtp::{client_keywords, SmtpBackendLogin, SmtpOptions, SmtpPreAuth};
 use portcullis::secret::Secret;
@@ -24,26 +24,8 @@ fn run(tls: bool, chunks: &[&[u8]]) -> (Vec<u8>, usize) {
         keywords: Arc::new(vec!["PIPELINING".into(), "SIZE 100".into()]),
     });
     m.greet();
-    let (mut out, mut logins) = (Vec::new(), 0);
-    let mut it = chunks.iter();
-    loop {
-        let ev = m.advance();
-        out.extend(m.take_output());
-        match ev {
-            Event::NeedInput => match it.next() {
-                Some(c) => m.feed(c),
-                None => return (out, logins),
-            },
-            Event::Login { .. } => {
-                logins += 1;
-                if let Some(Event::Close(_)) = m.login_failed(Failure::Rejected) {
-                    out.extend(m.take_output());
-                    return (out, logins);
-                }
-            }
-            Event::StartTls | Event::Close(_) => return (out, logins),
-        }
-    }
+    let t = script(&mut m, chunks, Failure::Rejected);
+    (t.output, t.attempts.len())
 }
 
 fuzz_target!(|data: &[u8]| {

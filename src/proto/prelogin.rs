@@ -92,3 +92,66 @@ pub trait BackendMachine: Send {
     where
         Self: Sized;
 }
+
+/// One login attempt as a scripted run saw it.
+pub type Attempt = Result<Credentials, Refusal>;
+
+/// What [`script`] saw.
+#[derive(Debug, Default)]
+pub struct Transcript {
+    /// Everything the machine wrote, greeting excluded if it was taken before.
+    pub output: Vec<u8>,
+    pub attempts: Vec<Attempt>,
+    /// How the machine ended the connection; `None` when the input ran out or at STARTTLS.
+    pub close: Option<Close>,
+    /// The run stopped because the machine asked for STARTTLS.
+    pub starttls: bool,
+}
+
+impl Transcript {
+    /// The output as text, for assertions.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.output).into_owned()
+    }
+
+    /// The username of each attempt, or why it was refused.
+    pub fn usernames(&self) -> Vec<Result<String, Refusal>> {
+        self.attempts
+            .iter()
+            .map(|a| a.as_ref().map(|c| c.username.clone()).map_err(Clone::clone))
+            .collect()
+    }
+}
+
+/// Drives `m` through `chunks` (one read each), answering every login with `answer`: how unit
+/// tests, property tests and fuzz targets exercise a machine without sockets.
+pub fn script<M: PreLogin>(m: &mut M, chunks: &[&[u8]], answer: Failure) -> Transcript {
+    let mut t = Transcript::default();
+    let mut it = chunks.iter();
+    loop {
+        let ev = m.advance();
+        t.output.extend(m.take_output());
+        match ev {
+            Event::NeedInput => match it.next() {
+                Some(c) => m.feed(c),
+                None => return t,
+            },
+            Event::StartTls => {
+                t.starttls = true;
+                return t;
+            }
+            Event::Close(c) => {
+                t.close = Some(c);
+                return t;
+            }
+            Event::Login { credentials, .. } => {
+                t.attempts.push(credentials.map_err(|(r, _)| r));
+                if let Some(Event::Close(c)) = m.login_failed(answer) {
+                    t.output.extend(m.take_output());
+                    t.close = Some(c);
+                    return t;
+                }
+            }
+        }
+    }
+}

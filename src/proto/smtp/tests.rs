@@ -39,27 +39,8 @@ fn drive(
     chunks: &[&[u8]],
     answer: Failure,
 ) -> (String, Logins, Option<Close>) {
-    let (mut out, mut logins) = (String::new(), Vec::new());
-    let mut it = chunks.iter();
-    loop {
-        let ev = m.advance();
-        out.push_str(&String::from_utf8_lossy(&m.take_output()));
-        match ev {
-            Event::NeedInput => match it.next() {
-                Some(c) => m.feed(c),
-                None => return (out, logins, None),
-            },
-            Event::StartTls => return (out, logins, None),
-            Event::Close(c) => return (out, logins, Some(c)),
-            Event::Login { credentials, .. } => {
-                logins.push(credentials.map(|c| c.username).map_err(|(r, _)| r));
-                if let Some(Event::Close(c)) = m.login_failed(answer) {
-                    out.push_str(&String::from_utf8_lossy(&m.take_output()));
-                    return (out, logins, Some(c));
-                }
-            }
-        }
-    }
+    let t = crate::proto::prelogin::script(m, chunks, answer);
+    (t.text(), t.usernames(), t.close)
 }
 
 #[test]
