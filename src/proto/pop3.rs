@@ -6,7 +6,9 @@
 use crate::identity::{IdentityRules, LogName};
 use crate::proto::imap::{BackendError, BackendEvent};
 use crate::proto::line::{LineBuffer, TooLong};
-use crate::proto::prelogin::{BackendMachine, Close, Event, Failure, PreLogin, Refusal};
+use crate::proto::prelogin::{
+    sasl_next, BackendMachine, Close, Event, Failure, PreLogin, Refusal, SaslNext,
+};
 use crate::sasl::{self, Credentials, Exchange, Mechanism, Response, SaslError, Step};
 use crate::secret::Secret;
 
@@ -101,29 +103,22 @@ impl Pop3PreAuth {
         }
     }
 
-    fn sasl_step(&mut self, mut ex: Exchange, step: Result<Step, SaslError>) -> Option<Event> {
-        match step {
-            Ok(Step::Challenge(c)) => {
-                self.push(&format!("+ {}\r\n", sasl::encode_challenge(c)));
+    fn sasl_step(&mut self, ex: Exchange, step: Result<Step, SaslError>) -> Option<Event> {
+        match sasl_next(step) {
+            SaslNext::Challenge(c) => {
+                self.push(&format!("+ {c}\r\n"));
                 self.state = State::Sasl(ex);
                 None
             }
-            Ok(Step::Done(c)) => Some(self.login(Ok(c))),
-            Err(SaslError::Identity(e)) => {
-                Some(self.login(Err((Refusal::Identity(e), "(sasl)".into()))))
-            }
-            Err(SaslError::EmptyPassword) => {
-                Some(self.login(Err((Refusal::EmptyPassword, "(sasl)".into()))))
-            }
-            Err(SaslError::Cancelled) => {
+            SaslNext::Login(credentials) => Some(self.login(credentials)),
+            SaslNext::Cancelled => {
                 self.push("-ERR Authentication cancelled\r\n");
                 None
             }
-            Err(SaslError::AuthzidMismatch) => {
-                let _ = &mut ex;
+            SaslNext::AuthzidRefused => {
                 self.protocol_error("-ERR [AUTH] Authorization identity refused\r\n")
             }
-            Err(_) => self.protocol_error("-ERR Invalid SASL response\r\n"),
+            SaslNext::Invalid => self.protocol_error("-ERR Invalid SASL response\r\n"),
         }
     }
 

@@ -155,3 +155,38 @@ pub fn script<M: PreLogin>(m: &mut M, chunks: &[&[u8]], answer: Failure) -> Tran
         }
     }
 }
+
+/// What a protocol does after one SASL step, the same for every protocol; only the reply
+/// texts differ.
+#[derive(Debug)]
+pub enum SaslNext {
+    /// Send this base64 challenge and keep the exchange.
+    Challenge(String),
+    /// Ask the driver: credentials, or a refusal that is answered like a wrong password (so a
+    /// refused name cannot be told from a wrong password).
+    Login(Result<Credentials, (Refusal, String)>),
+    /// The client cancelled: answer, no error counted.
+    Cancelled,
+    /// The authorization identity differs: a protocol error.
+    AuthzidRefused,
+    /// Malformed base64 or payload: a protocol error.
+    Invalid,
+}
+
+/// Sorts one step of [`crate::sasl::Exchange`] into what the protocol must do.
+pub fn sasl_next(step: Result<crate::sasl::Step, crate::sasl::SaslError>) -> SaslNext {
+    use crate::sasl::{SaslError, Step};
+    match step {
+        Ok(Step::Challenge(c)) => SaslNext::Challenge(crate::sasl::encode_challenge(c)),
+        Ok(Step::Done(c)) => SaslNext::Login(Ok(c)),
+        Err(SaslError::Identity(e)) => {
+            SaslNext::Login(Err((Refusal::Identity(e), "(sasl)".into())))
+        }
+        Err(SaslError::EmptyPassword) => {
+            SaslNext::Login(Err((Refusal::EmptyPassword, "(sasl)".into())))
+        }
+        Err(SaslError::Cancelled) => SaslNext::Cancelled,
+        Err(SaslError::AuthzidMismatch) => SaslNext::AuthzidRefused,
+        Err(_) => SaslNext::Invalid,
+    }
+}

@@ -9,7 +9,7 @@
 //! the same bounds.
 
 use crate::identity::IdentityRules;
-use crate::proto::prelogin::{Close, Event, Failure, PreLogin, Refusal};
+use crate::proto::prelogin::{sasl_next, Close, Event, Failure, PreLogin, Refusal, SaslNext};
 use crate::sasl::{self, Credentials, Exchange, Mechanism, Response, SaslError, Step};
 
 mod backend;
@@ -195,30 +195,24 @@ impl SievePreAuth {
     }
 
     fn sasl_step(&mut self, exchange: Exchange, step: Result<Step, SaslError>) -> Option<Event> {
-        match step {
-            Ok(Step::Challenge(c)) => {
+        match sasl_next(step) {
+            SaslNext::Challenge(c) => {
                 let mut out = std::mem::take(&mut self.out);
-                push_string(&mut out, sasl::encode_challenge(c).as_bytes());
+                push_string(&mut out, c.as_bytes());
                 out.extend_from_slice(b"\r\n");
                 self.out = out;
                 self.state = State::Sasl(exchange);
                 None
             }
-            Ok(Step::Done(c)) => Some(self.login(Ok(c))),
-            Err(SaslError::Identity(e)) => {
-                Some(self.login(Err((Refusal::Identity(e), "(sasl)".into()))))
-            }
-            Err(SaslError::EmptyPassword) => {
-                Some(self.login(Err((Refusal::EmptyPassword, "(sasl)".into()))))
-            }
-            Err(SaslError::Cancelled) => {
+            SaslNext::Login(credentials) => Some(self.login(credentials)),
+            SaslNext::Cancelled => {
                 self.push("NO \"Authentication cancelled\"\r\n");
                 None
             }
-            Err(SaslError::AuthzidMismatch) => {
+            SaslNext::AuthzidRefused => {
                 self.protocol_error("NO \"Authorization identity refused\"\r\n")
             }
-            Err(_) => self.protocol_error("NO \"Invalid SASL response\"\r\n"),
+            SaslNext::Invalid => self.protocol_error("NO \"Invalid SASL response\"\r\n"),
         }
     }
 

@@ -15,7 +15,7 @@ use smtp_proto::Request;
 
 use crate::identity::IdentityRules;
 use crate::proto::line::{LineBuffer, TooLong};
-use crate::proto::prelogin::{Close, Event, Failure, PreLogin, Refusal};
+use crate::proto::prelogin::{sasl_next, Close, Event, Failure, PreLogin, Refusal, SaslNext};
 use crate::sasl::{self, Credentials, Exchange, Mechanism, Response, SaslError, Step};
 
 pub use backend::SmtpBackendLogin;
@@ -171,27 +171,21 @@ impl SmtpPreAuth {
     }
 
     fn sasl_step(&mut self, ex: Exchange, step: Result<Step, SaslError>) -> Option<Event> {
-        match step {
-            Ok(Step::Challenge(c)) => {
-                self.push(&format!("334 {}\r\n", sasl::encode_challenge(c)));
+        match sasl_next(step) {
+            SaslNext::Challenge(c) => {
+                self.push(&format!("334 {c}\r\n"));
                 self.state = State::Sasl(ex);
                 None
             }
-            Ok(Step::Done(c)) => Some(self.login(Ok(c))),
-            Err(SaslError::Identity(e)) => {
-                Some(self.login(Err((Refusal::Identity(e), "(sasl)".into()))))
-            }
-            Err(SaslError::EmptyPassword) => {
-                Some(self.login(Err((Refusal::EmptyPassword, "(sasl)".into()))))
-            }
-            Err(SaslError::Cancelled) => {
+            SaslNext::Login(credentials) => Some(self.login(credentials)),
+            SaslNext::Cancelled => {
                 self.push("501 5.0.0 Authentication cancelled\r\n");
                 None
             }
-            Err(SaslError::AuthzidMismatch) => {
+            SaslNext::AuthzidRefused => {
                 self.protocol_error("535 5.7.8 Authorization identity refused\r\n")
             }
-            Err(_) => self.protocol_error("501 5.5.2 Invalid SASL response\r\n"),
+            SaslNext::Invalid => self.protocol_error("501 5.5.2 Invalid SASL response\r\n"),
         }
     }
 

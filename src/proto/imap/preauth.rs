@@ -14,8 +14,8 @@ use imap_codec::imap_types::core::LiteralMode;
 use imap_codec::{AuthenticateDataCodec, CommandCodec};
 
 use crate::identity::IdentityRules;
-use crate::proto::prelogin::{Close, Event, Failure, PreLogin, Refusal};
-use crate::sasl::{self, Credentials, Exchange, Mechanism, SaslError, Step};
+use crate::proto::prelogin::{sasl_next, Close, Event, Failure, PreLogin, Refusal, SaslNext};
+use crate::sasl::{Credentials, Exchange, Mechanism, SaslError, Step};
 
 /// Bounds on what a client may send before login (SECURITY.md defaults).
 #[derive(Debug, Clone)]
@@ -470,31 +470,25 @@ impl PreAuth {
         exchange: Exchange,
         step: Result<Step, SaslError>,
     ) -> Option<Event> {
-        match step {
-            Ok(Step::Challenge(challenge)) => {
-                self.push(format!("+ {}\r\n", sasl::encode_challenge(challenge)));
+        match sasl_next(step) {
+            SaslNext::Challenge(challenge) => {
+                self.push(format!("+ {challenge}\r\n"));
                 self.state = State::Sasl { tag, exchange };
                 None
             }
-            Ok(Step::Done(credentials)) => Some(self.login(tag, Ok(credentials))),
-            Err(SaslError::Identity(e)) => {
-                Some(self.login(tag, Err((Refusal::Identity(e), String::from("(refused)")))))
-            }
-            Err(SaslError::EmptyPassword) => {
-                Some(self.login(tag, Err((Refusal::EmptyPassword, String::from("(sasl)")))))
-            }
-            Err(SaslError::Cancelled) => {
+            SaslNext::Login(credentials) => Some(self.login(tag, credentials)),
+            SaslNext::Cancelled => {
                 self.tagged(Some(&tag), "BAD Authentication cancelled");
                 None
             }
-            Err(SaslError::AuthzidMismatch) => {
+            SaslNext::AuthzidRefused => {
                 self.tagged(
                     Some(&tag),
                     "NO [AUTHORIZATIONFAILED] Authorization identity refused",
                 );
                 self.protocol_error()
             }
-            Err(_) => {
+            SaslNext::Invalid => {
                 self.tagged(Some(&tag), "BAD Invalid SASL response");
                 self.protocol_error()
             }
