@@ -42,6 +42,8 @@ pub struct ProxyOptions {
     pub rust_log: String,
     /// `limits.per_ip_connections`.
     pub per_ip_connections: u32,
+    /// An HTTP backend's port (0: no HTTP listeners).
+    pub backend_http_port: u16,
 }
 
 impl ProxyOptions {
@@ -65,6 +67,7 @@ impl ProxyOptions {
             extra: String::new(),
             rust_log: "portcullis=debug".into(),
             per_ip_connections: 50,
+            backend_http_port: 0,
         }
     }
 
@@ -93,6 +96,10 @@ pub struct Proxy {
     pub submission_starttls: u16,
     /// ManageSieve with STARTTLS (0 when not configured).
     pub sieve: u16,
+    /// HTTP with implicit TLS (h2 and http/1.1 by ALPN) and cleartext on loopback (0 when not
+    /// configured).
+    pub https: u16,
+    pub http: u16,
 }
 
 impl Proxy {
@@ -171,6 +178,19 @@ impl Proxy {
         } else {
             (String::new(), String::new())
         };
+        let (https, http) = if opts.backend_http_port != 0 {
+            (free_port(), free_port())
+        } else {
+            (0, 0)
+        };
+        let (http_listener, http_backend) = if https != 0 {
+            (
+                format!("[[listener]]\nprotocol = \"http\"\nbind = [\"127.0.0.1:{https}\"]\ntls = \"implicit\"\n\n[[listener]]\nprotocol = \"http\"\nbind = [\"127.0.0.1:{http}\"]\ntls = \"none\"\n"),
+                format!("http = {{ port = {}, tls = \"none\" }}", opts.backend_http_port),
+            )
+        } else {
+            (String::new(), String::new())
+        };
         let certs = repo().join("certs-dev");
         let config = format!(
             r#"
@@ -203,9 +223,11 @@ allow_plaintext_auth = true
 
 {submission}
 {sieve_listener}
+{http_listener}
 
 [backend]
 host = "127.0.0.1"
+{http_backend}
 {pop3_backend}
 {submission_backend}
 {sieve_backend}
@@ -263,6 +285,8 @@ per_ip_new_per_minute = 10000
             submissions,
             submission_starttls,
             sieve,
+            https,
+            http,
         };
         for port in [
             imaps,
@@ -273,6 +297,8 @@ per_ip_new_per_minute = 10000
             submissions,
             submission_starttls,
             sieve,
+            https,
+            http,
         ] {
             if port == 0 {
                 continue;
