@@ -1008,6 +1008,36 @@ users_file = "config/users.toml"
     }
 
     #[test]
+    fn http_listener_and_section_are_validated() {
+        let http = MINIMAL
+            .replace("protocol = \"imap\"", "protocol = \"http\"")
+            .replace("imap = {", "http = {");
+        let c = Config::parse(&http).unwrap();
+        assert!(c.http.auth_cache_ttl.is_zero());
+        assert!(c.http.anonymous_paths.iter().any(|p| p == "/.well-known/*"));
+        let no_backend = http.replace("http = { port = 143, tls = \"none\" }", "");
+        assert!(err(&no_backend).starts_with("backend.http:"));
+        let tls = http.replace("tls = \"none\" }", "tls = \"implicit\" }");
+        assert!(err(&tls).starts_with("backend.http.tls:"));
+        for (section, key) in [
+            ("auth_cache_ttl = \"61s\"", "http.auth_cache_ttl:"),
+            ("anonymous_paths = [\"/*\"]", "http.anonymous_paths[0]:"),
+            (
+                "anonymous_paths = [\"/a/../b\"]",
+                "http.anonymous_paths[0]:",
+            ),
+            ("anonymous_paths = [\"x\"]", "http.anonymous_paths[0]:"),
+            ("anonymous_paths = [\"/a*b\"]", "http.anonymous_paths[0]:"),
+            ("realm = \"a\\\"b\"", "http.realm:"),
+        ] {
+            let e = err(&format!("{http}\n[http]\n{section}\n"));
+            assert!(e.starts_with(key), "{section}: {e}");
+        }
+        let ok = Config::parse(&format!("{http}\n[http]\nauth_cache_ttl = \"60s\"\n")).unwrap();
+        assert_eq!(ok.http.auth_cache_ttl, Duration::from_secs(60));
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let e = err(&MINIMAL.replace("[backend]", "[backend]\nbogus = 1"));
         assert!(e.contains("bogus"), "{e}");
