@@ -634,6 +634,41 @@ fn proxy_v2_header_names_the_client_on_every_backend_connection() {
 }
 
 #[test]
+fn tls_backend_is_verified_and_gets_the_master_login() {
+    let backend = backend(false);
+    let front = common::httpbackend::tls_front(backend.port());
+    let mut opts = options(front);
+    opts.backend_extra = format!(
+        "tls_ca_file = \"{}\"\ntls_server_name = \"localhost\"",
+        dev_ca().display()
+    );
+    opts.backend_http_tls = "implicit".into();
+    let proxy = Proxy::start(opts);
+    let port = proxy.http;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for _ in 0..2 {
+        s.write_all(
+            format!(
+                "GET /jmap/session HTTP/1.1\r\nHost: localhost\r\nAuthorization: {}\r\n\r\n",
+                basic("alice", "alice-password")
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let (status, text) = read_response(&mut s);
+        assert_eq!(status, 200, "{text}");
+    }
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 2, "{}", proxy.log());
+    assert!(seen
+        .iter()
+        .all(|r| r.basic() == Some(master_form("alice@example.org"))));
+    // Both requests of the client connection reused one backend connection.
+    assert_eq!(seen[0].conn, seen[1].conn);
+}
+
+#[test]
 fn guard_ban_looks_like_a_wrong_password() {
     let backend = backend(false);
     let mut opts = options(backend.port());

@@ -125,17 +125,24 @@ impl Connector {
         Ok(tcp)
     }
 
-    /// A plain TCP connection to an HTTP backend service, with the PROXY v2 header for `facts`
-    /// when configured (the HTTP driver speaks HTTP over it itself).
+    /// A connection to an HTTP backend service: TCP, the PROXY v2 header for `facts` when
+    /// configured, then TLS (certificate verified) when the service says `implicit`. The HTTP
+    /// driver speaks HTTP over it itself.
     ///
     /// # Errors
-    /// [`ConnectError`] when the backend cannot be reached in time.
+    /// [`ConnectError`] when the backend cannot be reached in time or its TLS fails.
     pub async fn http_connect(
         &self,
         service: BackendService,
         facts: &ClientFacts,
-    ) -> Result<TcpStream, ConnectError> {
-        self.tcp(service, Some(facts)).await
+    ) -> Result<Conn, ConnectError> {
+        let tcp = self.tcp(service, Some(facts)).await?;
+        match service.tls {
+            BackendTls::Implicit => tokio::time::timeout(self.connect_timeout, self.upgrade(tcp))
+                .await
+                .map_err(|_| ConnectError::ConnectTimeout)?,
+            BackendTls::None | BackendTls::Starttls => Ok(Conn::Plain(tcp)),
+        }
     }
 
     /// The backend host name or address, as configured.

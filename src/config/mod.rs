@@ -83,7 +83,8 @@ pub struct HttpConfig {
     /// Deadline for the backend's response head.
     #[serde(with = "humantime_serde")]
     pub backend_timeout: Duration,
-    /// Idle backend connections kept per instance.
+    /// Idle backend connections kept per instance (plain backend without PROXY v2; otherwise
+    /// backend connections belong to one client connection, which keeps up to 4 idle).
     pub backend_pool_idle: usize,
 }
 
@@ -835,11 +836,14 @@ impl Config {
                 ));
             }
             if l.protocol == Protocol::Http
-                && self.backend.http.is_some_and(|s| s.tls != BackendTls::None)
+                && self
+                    .backend
+                    .http
+                    .is_some_and(|s| s.tls == BackendTls::Starttls)
             {
                 return Err(invalid(
                     "backend.http.tls",
-                    "only \"none\" is implemented for the HTTP backend (run it on loopback or a private network)",
+                    "HTTP has no STARTTLS: use \"none\" or \"implicit\"",
                 ));
             }
             if self.backend.service(l.protocol).is_none() {
@@ -1017,8 +1021,10 @@ users_file = "config/users.toml"
         assert!(c.http.anonymous_paths.iter().any(|p| p == "/.well-known/*"));
         let no_backend = http.replace("http = { port = 143, tls = \"none\" }", "");
         assert!(err(&no_backend).starts_with("backend.http:"));
-        let tls = http.replace("tls = \"none\" }", "tls = \"implicit\" }");
+        let tls = http.replace("tls = \"none\" }", "tls = \"starttls\" }");
         assert!(err(&tls).starts_with("backend.http.tls:"));
+        let tls = http.replace("tls = \"none\" }", "tls = \"implicit\" }");
+        assert!(Config::parse(&tls).is_ok());
         for (section, key) in [
             ("auth_cache_ttl = \"61s\"", "http.auth_cache_ttl:"),
             ("anonymous_paths = [\"/*\"]", "http.anonymous_paths[0]:"),

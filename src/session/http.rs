@@ -27,7 +27,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::{ConnCtx, ListenerCtx, SharedRef};
 use crate::authn::{AuthRequest, TlsInfo, Verdict};
 use crate::backend::ClientFacts;
-use crate::config::{HttpConfig, ProxyProtocol};
+use crate::config::{BackendTls, HttpConfig, ProxyProtocol};
 use crate::guard::Decision;
 use crate::identity::LogName;
 use crate::metrics::DecisionLabels;
@@ -95,8 +95,10 @@ impl HttpState {
     }
 }
 
-/// Backend connections owned by one client connection, used when PROXY v2 is on: each backend
-/// connection's header names this client, so it must never serve another.
+/// Backend connections owned by one client connection, used when PROXY v2 is on (each backend
+/// connection's header names this client, so it must never serve another) and for a TLS backend
+/// (the connection comes from the same [`crate::backend::Connector`] as the mail protocols', with
+/// its certificate verification).
 struct OwnPool {
     facts: ClientFacts,
     idle: Arc<Mutex<Vec<hyper::client::conn::http1::SendRequest<Body>>>>,
@@ -125,14 +127,20 @@ pub async fn run(
 
 async fn serve(shared: SharedRef, ctx: ConnCtx, conn: Conn, tls: Option<TlsInfo>) {
     let cfg = &shared.config.http;
-    let own = (shared.backend.proxy_protocol() == ProxyProtocol::V2).then(|| OwnPool {
-        facts: ClientFacts {
-            client: ctx.client,
-            local: ctx.local,
-            tls_version: tls.as_ref().map(|t| t.version.clone()),
-        },
-        idle: Arc::new(Mutex::new(Vec::new())),
-    });
+    let tls_backend = shared
+        .config
+        .backend
+        .http
+        .is_some_and(|s| s.tls == BackendTls::Implicit);
+    let own =
+        (shared.backend.proxy_protocol() == ProxyProtocol::V2 || tls_backend).then(|| OwnPool {
+            facts: ClientFacts {
+                client: ctx.client,
+                local: ctx.local,
+                tls_version: tls.as_ref().map(|t| t.version.clone()),
+            },
+            idle: Arc::new(Mutex::new(Vec::new())),
+        });
     let state = Arc::new(ConnState {
         shared: shared.clone(),
         ctx,
@@ -657,7 +665,11 @@ async fn forward(
         .map_or("/", |p| p.as_str())
         .to_owned();
     parts.uri = Uri::builder()
-        .scheme("http")
+        .scheme(if service.tls == BackendTls::Implicit {
+            "https"
+        } else {
+            "http"
+        })
         .authority(format!(
             "{}:{}",
             authority_host(shared.backend.host()),

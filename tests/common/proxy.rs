@@ -44,6 +44,8 @@ pub struct ProxyOptions {
     pub per_ip_connections: u32,
     /// An HTTP backend's port (0: no HTTP listeners).
     pub backend_http_port: u16,
+    /// `none` or `implicit`.
+    pub backend_http_tls: String,
 }
 
 impl ProxyOptions {
@@ -68,6 +70,7 @@ impl ProxyOptions {
             rust_log: "portcullis=debug".into(),
             per_ip_connections: 50,
             backend_http_port: 0,
+            backend_http_tls: "none".into(),
         }
     }
 
@@ -186,7 +189,10 @@ impl Proxy {
         let (http_listener, http_backend) = if https != 0 {
             (
                 format!("[[listener]]\nprotocol = \"http\"\nbind = [\"127.0.0.1:{https}\"]\ntls = \"implicit\"\n\n[[listener]]\nprotocol = \"http\"\nbind = [\"127.0.0.1:{http}\"]\ntls = \"none\"\n"),
-                format!("http = {{ port = {}, tls = \"none\" }}", opts.backend_http_port),
+                format!(
+                    "http = {{ port = {}, tls = \"{}\" }}",
+                    opts.backend_http_port, opts.backend_http_tls
+                ),
             )
         } else {
             (String::new(), String::new())
