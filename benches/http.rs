@@ -96,7 +96,13 @@ async fn backend(listener: TcpListener, refused: Arc<AtomicU64>) {
 }
 
 /// One load-generator run: `conns` keep-alive connections for `secs`; returns (ok, failed).
-async fn load(addr: SocketAddr, path: &str, auth: Option<String>, conns: u64, secs: u64) -> (u64, u64) {
+async fn load(
+    addr: SocketAddr,
+    path: &str,
+    auth: Option<String>,
+    conns: u64,
+    secs: u64,
+) -> (u64, u64) {
     let end = Instant::now() + Duration::from_secs(secs);
     let ok = Arc::new(AtomicU64::new(0));
     let bad = Arc::new(AtomicU64::new(0));
@@ -289,7 +295,13 @@ fn main() {
     let cheap = basic("cheap@example.org", "bench-password");
     type Variant<'a> = (&'a str, SocketAddr, &'a str, Option<String>, Option<u32>);
     let variants: Vec<Variant> = vec![
-        ("direct to backend", direct_addr, "/jmap/session", Some(master), None),
+        (
+            "direct to backend",
+            direct_addr,
+            "/jmap/session",
+            Some(master),
+            None,
+        ),
         (
             "Portcullis, argon2id, cache off",
             ([127, 0, 0, 1], off.port).into(),
