@@ -845,3 +845,50 @@ fn unauthorized(realm: &str) -> Response<Body> {
     }
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_forwarding_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic eDp5"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+            ("x-forwarded-host", "evil"),
+            ("te", "trailers"),
+            ("depth", "1"),
+            ("authorization", "Basic x"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["authorization", "depth"]);
+    }
+
+    #[test]
+    fn ipv6_backend_hosts_are_bracketed() {
+        assert_eq!(authority_host("::1"), "[::1]");
+        assert_eq!(authority_host("[::1]"), "[::1]");
+        assert_eq!(authority_host("stalwart.internal"), "stalwart.internal");
+    }
+
+    #[test]
+    fn user_agent_is_bounded_and_printable() {
+        let mut h = HeaderMap::new();
+        let mut long = b"DAVx5/4.4 \xff".to_vec();
+        long.extend_from_slice(&[b'a'; 300]);
+        h.insert(header::USER_AGENT, HeaderValue::from_bytes(&long).unwrap());
+        let ua = user_agent(&h).unwrap();
+        assert_eq!(ua.len(), MAX_CLIENT_ID);
+        assert!(ua.starts_with("DAVx5/4.4 ?a"));
+    }
+}
