@@ -125,6 +125,61 @@ impl Connector {
         Ok(tcp)
     }
 
+    /// A connection to an HTTP backend service: TCP, the PROXY v2 header for `facts` when
+    /// configured, then TLS (certificate verified) when the service says `implicit`. The HTTP
+    /// driver speaks HTTP over it itself.
+    ///
+    /// # Errors
+    /// [`ConnectError`] when the backend cannot be reached in time or its TLS fails.
+    pub async fn http_connect(
+        &self,
+        service: BackendService,
+        facts: &ClientFacts,
+    ) -> Result<Conn, ConnectError> {
+        let tcp = self.tcp(service, Some(facts)).await?;
+        match service.tls {
+            BackendTls::Implicit => tokio::time::timeout(self.connect_timeout, self.upgrade(tcp))
+                .await
+                .map_err(|_| ConnectError::ConnectTimeout)?,
+            BackendTls::None | BackendTls::Starttls => Ok(Conn::Plain(tcp)),
+        }
+    }
+
+    /// The backend host name or address, as configured.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Whether each backend connection starts with a PROXY v2 header.
+    pub fn proxy_protocol(&self) -> ProxyProtocol {
+        self.proxy_protocol
+    }
+
+    /// The HTTP `Authorization` value for the master login as `account`
+    /// (`Basic base64(<account><sep><master>:<secret>)`). Kept here so the secret has one owner.
+    pub fn http_master_basic(&self, account: &str) -> Vec<u8> {
+        crate::proto::http::master_basic(
+            account,
+            &self.separator,
+            &self.master_user,
+            &self.master_secret,
+        )
+    }
+
+    /// Stalwart's JSON login form (`POST /api/auth`) rewritten for the master login as `account`.
+    pub fn http_master_form(
+        &self,
+        form: &crate::proto::http::LoginForm,
+        account: &str,
+    ) -> zeroize::Zeroizing<Vec<u8>> {
+        form.rewritten(
+            account,
+            &self.separator,
+            &self.master_user,
+            &self.master_secret,
+        )
+    }
+
     /// Sets the name used in `EHLO` towards the backend (`server.hostname`).
     #[must_use]
     pub fn with_helo_name(mut self, name: &str) -> Self {

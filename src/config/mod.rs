@@ -58,6 +58,105 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// The HTTP listener's policy (anonymous paths, auth cache, timeouts).
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// `[http]`: what the HTTP listener lets through without credentials, and how long it waits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Paths served without credentials: exact, or a prefix when ending in `*`. The defaults are
+    /// Stalwart's discovery documents and OAuth endpoints, which carry their own proof (codes,
+    /// tokens) or none is needed; the login form `POST /api/auth` is always intercepted.
+    pub anonymous_paths: Vec<String>,
+    /// How long a successful Basic login is remembered (keyed hash of user and password), so that
+    /// a DAV client's burst of requests does not pay for password hashing each time. 0 = off.
+    #[serde(with = "humantime_serde")]
+    pub auth_cache_ttl: Duration,
+    /// The realm in `WWW-Authenticate: Basic realm="…"`.
+    pub realm: String,
+    /// Deadline for a request's header block (slowloris), also the keep-alive idle limit.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Deadline for the backend's response head.
+    #[serde(with = "humantime_serde")]
+    pub backend_timeout: Duration,
+    /// Idle backend connections kept per instance (plain backend without PROXY v2; otherwise
+    /// backend connections belong to one client connection, which keeps up to 4 idle).
+    pub backend_pool_idle: usize,
+}
+
+/// Longest positive auth cache allowed (DESIGN.md §4: TTL <= 60 s).
+pub const MAX_AUTH_CACHE_TTL: Duration = Duration::from_secs(60);
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            anonymous_paths: [
+                "/.well-known/*",
+                "/login",
+                "/auth/token",
+                "/auth/device",
+                "/auth/jwks.json",
+                "/auth/userinfo",
+                "/auth/introspect",
+                "/favicon.ico",
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect(),
+            auth_cache_ttl: Duration::ZERO,
+            realm: "Stalwart".into(),
+            header_read_timeout: Duration::from_secs(10),
+            backend_timeout: Duration::from_secs(60),
+            backend_pool_idle: 32,
+        }
+    }
+}
+
+impl HttpConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (i, p) in self.anonymous_paths.iter().enumerate() {
+            let body = p.strip_suffix('*').unwrap_or(p);
+            if !body.starts_with('/')
+                || body.contains('*')
+                || !crate::proto::http::is_plain_path(body)
+            {
+                return Err(invalid(
+                    format!("http.anonymous_paths[{i}]"),
+                    "must be an absolute path without dot segments, optionally ending in *",
+                ));
+            }
+            if body == "/" && p.ends_with('*') {
+                return Err(invalid(
+                    format!("http.anonymous_paths[{i}]"),
+                    "\"/*\" would make every path anonymous",
+                ));
+            }
+        }
+        if self.auth_cache_ttl > MAX_AUTH_CACHE_TTL {
+            return Err(invalid("http.auth_cache_ttl", "must be at most 60s"));
+        }
+        if self.realm.is_empty()
+            || self.realm.len() > 64
+            || !self.realm.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+            || self.realm.contains(['"', '\\'])
+        {
+            return Err(invalid(
+                "http.realm",
+                "1 to 64 printable ASCII characters, no quote or backslash",
+            ));
+        }
+        if self.header_read_timeout.is_zero() || self.backend_timeout.is_zero() {
+            return Err(invalid(
+                "http.header_read_timeout",
+                "timeouts must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -736,13 +835,15 @@ impl Config {
                     "managesieve has no implicit TLS (RFC 5804): use \"starttls\"",
                 ));
             }
-            if !matches!(
-                l.protocol,
-                Protocol::Imap | Protocol::Pop3 | Protocol::Submission | Protocol::ManageSieve
-            ) {
+            if l.protocol == Protocol::Http
+                && self
+                    .backend
+                    .http
+                    .is_some_and(|s| s.tls == BackendTls::Starttls)
+            {
                 return Err(invalid(
-                    key("protocol"),
-                    format!("{} is not implemented yet", l.protocol.label()),
+                    "backend.http.tls",
+                    "HTTP has no STARTTLS: use \"none\" or \"implicit\"",
                 ));
             }
             if self.backend.service(l.protocol).is_none() {
@@ -798,6 +899,7 @@ impl Config {
             ));
         }
         self.guard.validate()?;
+        self.http.validate()?;
         let l = &self.limits;
         if l.imap_line_max < 512 {
             return Err(invalid("limits.imap_line_max", "must be at least 512"));
@@ -907,6 +1009,38 @@ users_file = "config/users.toml"
         assert_eq!(c.master.separator, "%");
         assert_eq!(c.authenticator.timeout, Duration::from_secs(3));
         assert_eq!(c.guard.store, GuardStore::Memory);
+    }
+
+    #[test]
+    fn http_listener_and_section_are_validated() {
+        let http = MINIMAL
+            .replace("protocol = \"imap\"", "protocol = \"http\"")
+            .replace("imap = {", "http = {");
+        let c = Config::parse(&http).unwrap();
+        assert!(c.http.auth_cache_ttl.is_zero());
+        assert!(c.http.anonymous_paths.iter().any(|p| p == "/.well-known/*"));
+        let no_backend = http.replace("http = { port = 143, tls = \"none\" }", "");
+        assert!(err(&no_backend).starts_with("backend.http:"));
+        let tls = http.replace("tls = \"none\" }", "tls = \"starttls\" }");
+        assert!(err(&tls).starts_with("backend.http.tls:"));
+        let tls = http.replace("tls = \"none\" }", "tls = \"implicit\" }");
+        assert!(Config::parse(&tls).is_ok());
+        for (section, key) in [
+            ("auth_cache_ttl = \"61s\"", "http.auth_cache_ttl:"),
+            ("anonymous_paths = [\"/*\"]", "http.anonymous_paths[0]:"),
+            (
+                "anonymous_paths = [\"/a/../b\"]",
+                "http.anonymous_paths[0]:",
+            ),
+            ("anonymous_paths = [\"x\"]", "http.anonymous_paths[0]:"),
+            ("anonymous_paths = [\"/a*b\"]", "http.anonymous_paths[0]:"),
+            ("realm = \"a\\\"b\"", "http.realm:"),
+        ] {
+            let e = err(&format!("{http}\n[http]\n{section}\n"));
+            assert!(e.starts_with(key), "{section}: {e}");
+        }
+        let ok = Config::parse(&format!("{http}\n[http]\nauth_cache_ttl = \"60s\"\n")).unwrap();
+        assert_eq!(ok.http.auth_cache_ttl, Duration::from_secs(60));
     }
 
     #[test]

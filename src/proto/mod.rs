@@ -1,6 +1,7 @@
 //! Sans-I/O protocol state machines: bytes in, events and bytes to send out. No tokio here, so
 //! every parser can be unit-tested, property-tested and fuzzed without sockets.
 
+pub mod http;
 pub mod imap;
 pub mod line;
 pub mod pop3;

@@ -157,6 +157,7 @@ impl Server {
                 listeners.push((socket, ctx.clone()));
             }
         }
+        let config_http = config.http.clone();
         let shared = Arc::new(Shared {
             config,
             authn,
@@ -168,6 +169,7 @@ impl Server {
             metrics: Arc::new(crate::metrics::Metrics::new()),
             dnsbl,
             guard,
+            http: crate::session::http::HttpState::new(&config_http),
         });
         let admin = admin.map(|l| {
             (
@@ -397,7 +399,7 @@ async fn accept_loop(
                 Protocol::ManageSieve => {
                     crate::session::sieve::run(shared, ctx, conn_ctx, conn, tls).await;
                 }
-                Protocol::Http => {}
+                Protocol::Http => crate::session::http::run(shared, ctx, conn_ctx, conn, tls).await,
             }
         });
     }

@@ -16,6 +16,7 @@ use crate::identity::IdentityRules;
 use crate::proto::prelogin::BackendMachine;
 use crate::Protocol;
 
+pub mod http;
 pub mod imap;
 pub mod pop3;
 pub mod runner;
@@ -39,6 +40,8 @@ pub struct Shared {
     pub dnsbl: Option<crate::dnsbl::Dnsbl>,
     /// Attack detection: failure windows, bans, per-account session caps.
     pub guard: crate::guard::Guard,
+    /// The HTTP listener's backend client and auth cache.
+    pub http: http::HttpState,
 }
 
 impl Shared {

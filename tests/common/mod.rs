@@ -30,6 +30,7 @@ pub mod authhttp;
 pub mod clients;
 pub mod dnsmasq;
 pub mod dovecot;
+pub mod httpbackend;
 pub mod ports;
 pub mod proxy;
 pub mod redis;

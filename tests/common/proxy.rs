@@ -42,6 +42,10 @@ pub struct ProxyOptions {
     pub rust_log: String,
     /// `limits.per_ip_connections`.
     pub per_ip_connections: u32,
+    /// An HTTP backend's port (0: no HTTP listeners).
+    pub backend_http_port: u16,
+    /// `none` or `implicit`.
+    pub backend_http_tls: String,
 }
 
 impl ProxyOptions {
@@ -65,6 +69,8 @@ impl ProxyOptions {
             extra: String::new(),
             rust_log: "portcullis=debug".into(),
             per_ip_connections: 50,
+            backend_http_port: 0,
+            backend_http_tls: "none".into(),
         }
     }
 
@@ -93,6 +99,10 @@ pub struct Proxy {
     pub submission_starttls: u16,
     /// ManageSieve with STARTTLS (0 when not configured).
     pub sieve: u16,
+    /// HTTP with implicit TLS (h2 and http/1.1 by ALPN) and cleartext on loopback (0 when not
+    /// configured).
+    pub https: u16,
+    pub http: u16,
 }
 
 impl Proxy {
@@ -171,6 +181,22 @@ impl Proxy {
         } else {
             (String::new(), String::new())
         };
+        let (https, http) = if opts.backend_http_port != 0 {
+            (free_port(), free_port())
+        } else {
+            (0, 0)
+        };
+        let (http_listener, http_backend) = if https != 0 {
+            (
+                format!("[[listener]]\nprotocol = \"http\"\nbind = [\"127.0.0.1:{https}\"]\ntls = \"implicit\"\n\n[[listener]]\nprotocol = \"http\"\nbind = [\"127.0.0.1:{http}\"]\ntls = \"none\"\n"),
+                format!(
+                    "http = {{ port = {}, tls = \"{}\" }}",
+                    opts.backend_http_port, opts.backend_http_tls
+                ),
+            )
+        } else {
+            (String::new(), String::new())
+        };
         let certs = repo().join("certs-dev");
         let config = format!(
             r#"
@@ -203,9 +229,11 @@ allow_plaintext_auth = true
 
 {submission}
 {sieve_listener}
+{http_listener}
 
 [backend]
 host = "127.0.0.1"
+{http_backend}
 {pop3_backend}
 {submission_backend}
 {sieve_backend}
@@ -263,6 +291,8 @@ per_ip_new_per_minute = 10000
             submissions,
             submission_starttls,
             sieve,
+            https,
+            http,
         };
         for port in [
             imaps,
@@ -273,6 +303,8 @@ per_ip_new_per_minute = 10000
             submissions,
             submission_starttls,
             sieve,
+            https,
+            http,
         ] {
             if port == 0 {
                 continue;
