@@ -68,6 +68,17 @@ impl AdaptiveBuf {
     }
 }
 
+/// Writes all of `bytes` and flushes: tokio-rustls accepts bytes it could not yet send when the
+/// socket is full and sends them only on a later write or flush, so without the flush the tail of
+/// a large download would wait forever.
+async fn write_flushed<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
 /// Gives back the memory of a large, now empty, output vector.
 fn trim(v: &mut Vec<u8>) {
     if v.is_empty() && v.capacity() > BUF_MIN {
@@ -190,7 +201,9 @@ pub async fn run<U: Upstream, D: Downstream>(
                     }
                 }
                 if !out.forward.is_empty() {
-                    if backend_w.write_all(&out.forward).await.is_err() {
+                    // Flushed: a TLS stream may keep records it could not write yet, and
+                    // nothing else would push them out before the next write.
+                    if write_flushed(&mut backend_w, &out.forward).await.is_err() {
                         return SpliceEnd::Error;
                     }
                     to_backend.fetch_add(out.forward.len() as u64, Ordering::Relaxed);
@@ -222,7 +235,7 @@ pub async fn run<U: Upstream, D: Downstream>(
         let mut replies_open = true;
         loop {
             if !out.is_empty() {
-                if client_w.write_all(&out).await.is_err() {
+                if write_flushed(&mut client_w, &out).await.is_err() {
                     return SpliceEnd::Error;
                 }
                 to_client.fetch_add(out.len() as u64, Ordering::Relaxed);

@@ -607,3 +607,50 @@ fn a_client_that_half_closes_after_logout_still_gets_the_answers() {
     assert!(rest.contains("b OK"), "{rest}");
     assert!(rest.contains("c OK"), "{rest}");
 }
+
+#[test]
+fn a_large_fetch_over_tls_arrives_whole_to_a_slow_reader() {
+    let (dovecot, proxy) = setup();
+    let line = "x".repeat(998);
+    let mut body = String::from("Subject: big\r\n\r\n");
+    // Larger than the kernel's socket buffers can hold (send buffers grow to 4 MiB).
+    while body.len() < 12 << 20 {
+        body.push_str(&line);
+        body.push_str("\r\n");
+    }
+    body.push_str("the end\r\n");
+    dovecot.deliver(ALICE, body.as_bytes());
+    // A small receive window and a reader that lags, so the proxy's writes to the client block
+    // and TLS records wait in the proxy: the tail must still be flushed.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(32 * 1024).unwrap();
+    sock.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], proxy.imaps)).into())
+        .unwrap();
+    let tcp: std::net::TcpStream = sock.into();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut c = Raw::over_tls(tcp, &["imap"]);
+    c.line();
+    c.send(b"a LOGIN alice alice-password\r\nb SELECT INBOX\r\n");
+    c.until("b OK");
+    c.send(b"f FETCH 1 BODY.PEEK[]\r\n");
+    std::thread::sleep(Duration::from_millis(500));
+    let mut total = 0;
+    let mut last = String::new();
+    let mut saw_end = false;
+    for n in 0.. {
+        let Some(l) = c.line() else {
+            panic!("stalled after {total} bytes");
+        };
+        if n % 64 == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        total += l.len();
+        saw_end |= l == "the end\r\n";
+        if l.starts_with("f ") {
+            last = l;
+            break;
+        }
+    }
+    assert!(last.starts_with("f OK"), "{last}");
+    assert!(saw_end && total > 12 << 20);
+}

@@ -313,6 +313,7 @@ impl Connector {
             let out = login.take_output();
             if !out.is_empty() {
                 conn.write_all(&out).await.map_err(ConnectError::Io)?;
+                conn.flush().await.map_err(ConnectError::Io)?;
             }
             match ev {
                 BackendEvent::NeedInput => {
@@ -330,6 +331,7 @@ impl Connector {
                     login.tls_started();
                     let out = login.take_output();
                     conn.write_all(&out).await.map_err(ConnectError::Io)?;
+                    conn.flush().await.map_err(ConnectError::Io)?;
                 }
                 BackendEvent::LoggedIn(capabilities) => {
                     let leftover = login.take_leftover();

@@ -91,7 +91,7 @@ async fn drive<M, BM, B, U, D, F>(
     let exit = loop {
         let event = machine.advance();
         let out = machine.take_output();
-        if !out.is_empty() && conn.write_all(&out).await.is_err() {
+        if !out.is_empty() && send(&mut conn, &out).await.is_err() {
             break Exit::Io;
         }
         match event {
@@ -104,17 +104,17 @@ async fn drive<M, BM, B, U, D, F>(
                     },
                     () = idle => {
                         machine.timed_out();
-                        let _ = conn.write_all(&machine.take_output()).await;
+                        let _ = send(&mut conn, &machine.take_output()).await;
                         break Exit::Timeout;
                     }
                     () = tokio::time::sleep_until(deadline) => {
                         machine.timed_out();
-                        let _ = conn.write_all(&machine.take_output()).await;
+                        let _ = send(&mut conn, &machine.take_output()).await;
                         break Exit::Timeout;
                     }
                     () = shared.shutdown.cancelled() => {
                         machine.shutdown();
-                        let _ = conn.write_all(&machine.take_output()).await;
+                        let _ = send(&mut conn, &machine.take_output()).await;
                         break Exit::Closed(Close::Shutdown);
                     }
                 }
@@ -159,7 +159,7 @@ async fn drive<M, BM, B, U, D, F>(
                         .await;
                         if let Some(Event::Close(reason)) = machine.login_failed(Failure::Rejected)
                         {
-                            let _ = conn.write_all(&machine.take_output()).await;
+                            let _ = send(&mut conn, &machine.take_output()).await;
                             break Exit::Closed(reason);
                         }
                         continue;
@@ -190,7 +190,7 @@ async fn drive<M, BM, B, U, D, F>(
                     tokio::time::sleep(shared.failure_delay().saturating_sub(started.elapsed()))
                         .await;
                     if let Some(Event::Close(reason)) = machine.login_failed(Failure::Rejected) {
-                        let _ = conn.write_all(&machine.take_output()).await;
+                        let _ = send(&mut conn, &machine.take_output()).await;
                         break Exit::Closed(reason);
                     }
                     continue;
@@ -243,7 +243,7 @@ async fn drive<M, BM, B, U, D, F>(
                             if let Some(Event::Close(reason)) =
                                 machine.login_failed(Failure::Temporary)
                             {
-                                let _ = conn.write_all(&machine.take_output()).await;
+                                let _ = send(&mut conn, &machine.take_output()).await;
                                 break Exit::Closed(reason);
                             }
                             continue;
@@ -260,7 +260,7 @@ async fn drive<M, BM, B, U, D, F>(
                         match shared.backend.login(service, &facts, login).await {
                             Ok(backend) => {
                                 machine.login_succeeded(&backend.capabilities);
-                                if conn.write_all(&machine.take_output()).await.is_err() {
+                                if send(&mut conn, &machine.take_output()).await.is_err() {
                                     return;
                                 }
                                 shared.metrics.auth(protocol.label(), mechanism, "accept");
@@ -268,7 +268,7 @@ async fn drive<M, BM, B, U, D, F>(
                                 info!(event = "auth", result = "accept", %user, account = %LogName(account.as_bytes()), mechanism, attempt, authenticator = shared.authn.kind(), latency_ms = started.elapsed().as_millis() as u64, "login accepted");
                                 let goodbye = machine.pipelined_goodbye();
                                 let Some(leftover) = machine.take_leftover() else {
-                                    let _ = conn.write_all(goodbye).await;
+                                    let _ = send(&mut conn, goodbye).await;
                                     return;
                                 };
                                 let labels = ProtoLabels {
@@ -327,7 +327,7 @@ async fn drive<M, BM, B, U, D, F>(
                     }
                 };
                 if let Some(Event::Close(reason)) = machine.login_failed(failure) {
-                    let _ = conn.write_all(&machine.take_output()).await;
+                    let _ = send(&mut conn, &machine.take_output()).await;
                     break Exit::Closed(reason);
                 }
             }
@@ -352,4 +352,10 @@ fn count_bans(shared: &SharedRef, outcome: &Outcome) {
         .metrics
         .guard_bans_started
         .inc_by(outcome.bans.len() as u64);
+}
+
+/// Writes and flushes (a TLS stream may otherwise hold the tail of what was written).
+async fn send(conn: &mut Conn, bytes: &[u8]) -> std::io::Result<()> {
+    conn.write_all(bytes).await?;
+    conn.flush().await
 }
