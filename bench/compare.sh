@@ -259,7 +259,7 @@ PIDS+=($NGINX_PID)
 # ---- Portcullis ------------------------------------------------------------------------------
 P=$T/portcullis
 mkdir -p "$P"
-echo "$MASTER_SECRET" >"$P/master.secret"
+echo "$MASTER_SECRET" >"$P/master.secret"; chmod 600 "$P/master.secret"
 pc_listener() { # protocol, port, tls
   printf '[[listener]]\nprotocol = "%s"\nbind = ["127.0.0.1:%s"]\ntls = "%s"\n' "$1" "$2" "$3"
   [ "$3" = none ] && echo "allow_plaintext_auth = true"
@@ -345,7 +345,8 @@ run() { # mode label proto tls port args...
   local pids out tf=()
   pids=$(pids_of "$label")
   if [ "$tls" = 1 ]; then tf=(--tls); fi
-  out=$("$LOADGEN" "$mode" --label "$label" --proto "$proto" --addr "127.0.0.1:$port" \
+  # A cell that hangs (a stalled transfer) is killed and reported as failed, not waited for.
+  out=$(timeout "${RUN_LIMIT:-$((${DURATION%.*} * 3 + 60))}" "$LOADGEN" "$mode" --label "$label" --proto "$proto" --addr "127.0.0.1:$port" \
     "${tf[@]}" --users "$USERS" --password "$PASSWORD" ${pids:+--pids "$pids"} "$@") || { echo "   ($mode $label failed)"; return 0; }
   echo "$out" | python3 -c "import json,sys; d=json.load(sys.stdin); d['rep']=$REP; print(json.dumps(d))" >>"$RAW"
   echo "$out" | python3 -c '
@@ -415,13 +416,14 @@ done
 if [ "$LEAK" != 0 ]; then
   echo "== leak loop: Portcullis, IMAP over TLS, c=16, ${LEAK}s (after the runs above as warm-up)"
   REP=0
-  run login portcullis imap 1 "$P_P_IMAPS" -c 16 -t "$LEAK" --rss-every 30
+  RUN_LIMIT=$((${LEAK%.*} + 120)) run login portcullis imap 1 "$P_P_IMAPS" -c 16 -t "$LEAK" --rss-every 30
 fi
 
 # ---- report ----------------------------------------------------------------------------------
 MACHINE="$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(free -g | awk '/Mem:/{print $2}') GiB RAM, Linux $(uname -r)"
 VERSIONS="nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'), Dovecot $(dovecot --version | cut -d' ' -f1), Portcullis $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml || echo '+changes')"
-CMD="bench/compare.sh --duration $DURATION --reps $REPS --conc \"$CONC\" --protos \"$PROTOS\" --only $ONLY --idle $IDLE_N$([ "$LEAK" != 0 ] && echo " --leak $LEAK")"
+CMD="bench/compare.sh --duration $DURATION --reps $REPS --conc \"$CONC\" --protos \"$PROTOS\" --only $ONLY --idle $IDLE_N"
+if [ "$LEAK" != 0 ]; then CMD="$CMD --leak $LEAK"; fi
 mkdir -p bench
 cp "$RAW" bench/last-run.jsonl
 python3 bench/report.py "$RAW" --machine "$MACHINE" --versions "$VERSIONS" --command "$CMD" \
