@@ -1,3 +1,4 @@
+#[cfg(test)]
 use super::*;
 use crate::identity::IdentityError;
 use crate::proto::imap::{BackendError, BackendEvent};
