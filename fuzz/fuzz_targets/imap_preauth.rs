@@ -14,6 +14,7 @@ fn machine(tls: bool) -> PreAuth {
         starttls: !tls,
         allow_plaintext_auth: false,
         rules: IdentityRules::default(),
+        sasl: portcullis::sasl::Offer::with_oauth(Some("https://idp.example/.well-known/openid-configuration")),
     });
     m.greet();
     m

@@ -22,6 +22,7 @@ fn run(tls: bool, chunks: &[&[u8]]) -> Run {
         starttls: !tls,
         allow_plaintext_auth: false,
         rules: IdentityRules::default(),
+        sasl: portcullis::sasl::Offer::with_oauth(Some("https://idp.example/.well-known/openid-configuration")),
         max_auth_failures: 3,
         max_protocol_errors: 3,
         capabilities: default_capabilities(),

@@ -24,6 +24,7 @@ pub mod file;
 pub mod http;
 pub mod json;
 pub mod nginx;
+pub mod oauth;
 
 /// Facts about the client's TLS session, passed to authenticators that want them.
 #[derive(Debug, Clone, Default)]
@@ -144,7 +145,44 @@ fn build_error(key: &'static str, message: impl Into<String>) -> BuildError {
 /// # Errors
 /// [`BuildError`] naming the `authenticator.*` key at fault.
 pub fn build(cfg: &AuthenticatorConfig) -> Result<Arc<dyn Authenticator>, BuildError> {
+    let passwords = match cfg.kind {
+        AuthenticatorKind::OAuth => None,
+        _ => Some(build_passwords(cfg)?),
+    };
+    match (&cfg.oauth, passwords) {
+        (Some(o), passwords) => Ok(Arc::new(oauth::Routed {
+            passwords,
+            tokens: Arc::new(oauth::OAuth::build(o, cfg.timeout)?),
+        })),
+        (None, Some(p)) => Ok(p),
+        (None, None) => Err(build_error(
+            "authenticator.oauth",
+            "required for kind = \"oauth\"",
+        )),
+    }
+}
+
+/// The SASL mechanisms to offer: the bearer-token pair only when tokens can be checked.
+pub fn sasl_offer(cfg: &AuthenticatorConfig) -> crate::sasl::Offer {
+    match &cfg.oauth {
+        Some(o) => {
+            let discovery = o.discovery_url.clone().or_else(|| {
+                o.issuer.as_deref().map(|i| {
+                    format!(
+                        "{}/.well-known/openid-configuration",
+                        i.trim_end_matches('/')
+                    )
+                })
+            });
+            crate::sasl::Offer::with_oauth(discovery.as_deref())
+        }
+        None => crate::sasl::Offer::passwords(),
+    }
+}
+
+fn build_passwords(cfg: &AuthenticatorConfig) -> Result<Arc<dyn Authenticator>, BuildError> {
     match cfg.kind {
+        AuthenticatorKind::OAuth => Err(build_error("authenticator.kind", "not a password kind")),
         AuthenticatorKind::File => {
             let path = cfg.users_file.as_ref().ok_or_else(|| {
                 build_error("authenticator.users_file", "required for kind = \"file\"")

@@ -76,10 +76,12 @@ pub fn protocol_label(protocol: Protocol) -> &'static str {
     }
 }
 
-/// nginx's `Auth-Method` for a mechanism: every mechanism we intercept carries a plain password.
+/// nginx's `Auth-Method` for a mechanism: the password mechanisms carry a plain password. Tokens
+/// normally go to `[authenticator.oauth]`; were one to reach an auth_http server, it is named.
 fn auth_method(mechanism: Mechanism) -> &'static str {
     match mechanism {
         Mechanism::Plain | Mechanism::Login => "plain",
+        Mechanism::XOAuth2 | Mechanism::OAuthBearer | Mechanism::Bearer => mechanism.label(),
     }
 }
 

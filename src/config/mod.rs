@@ -321,6 +321,9 @@ pub enum AuthenticatorKind {
     File,
     Nginx,
     Json,
+    /// Bearer tokens only (`[authenticator.oauth]`); password logins are refused.
+    #[serde(rename = "oauth")]
+    OAuth,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -345,6 +348,96 @@ pub struct AuthenticatorConfig {
     pub headers: BTreeMap<String, String>,
     /// `nginx` / `json` over https: CA bundle to verify the authenticator (default: web PKI roots).
     pub tls_ca_file: Option<PathBuf>,
+    /// Bearer-token validation (XOAUTH2, OAUTHBEARER, HTTP `Bearer`). With any other kind, tokens
+    /// go here and passwords to that kind; required for `kind = "oauth"`.
+    pub oauth: Option<OAuthConfig>,
+}
+
+/// How bearer tokens are validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OAuthMethod {
+    /// `GET url` with the token as `Authorization: Bearer` (Stalwart's opaque tokens:
+    /// `/auth/userinfo`). Valid when the answer is 200 with the account claim.
+    Userinfo,
+    /// RFC 7662: `POST url` with `token=…`, authenticated as `client_id`/`client_secret`.
+    Introspection,
+    /// A signed JWT, checked against the issuer's JWKS (`jwks_url`, or OIDC discovery).
+    Jwt,
+}
+
+/// `[authenticator.oauth]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthConfig {
+    pub method: OAuthMethod,
+    /// `userinfo` / `introspection`: the endpoint.
+    pub url: Option<String>,
+    /// The token issuer. `jwt`: required; `iss` must equal it and discovery starts from it.
+    /// `introspection`: when set, `iss` must equal it.
+    pub issuer: Option<String>,
+    /// OpenID discovery document (default: `<issuer>/.well-known/openid-configuration`). Also
+    /// named in the SASL error challenge so that clients know where to get a new token.
+    pub discovery_url: Option<String>,
+    /// `jwt`: the JWKS, instead of discovering it.
+    pub jwks_url: Option<String>,
+    /// `jwt`: required, `aud` must contain one. `introspection`: checked when set.
+    #[serde(default)]
+    pub audience: Vec<String>,
+    /// `introspection`: the client the proxy authenticates as (HTTP Basic).
+    pub client_id: Option<String>,
+    /// `introspection`: its secret, read from this file (never written in this one)...
+    pub client_secret_file: Option<PathBuf>,
+    /// ...or from this environment variable.
+    pub client_secret_env: Option<String>,
+    /// The claim naming the canonical account (default `preferred_username`; `username` for
+    /// introspection).
+    pub account_claim: Option<String>,
+    /// Further claims whose values a client may give as its identity in XOAUTH2 `user=` or the
+    /// OAUTHBEARER `a=`; the account claim always counts.
+    #[serde(default = "default_identity_claims")]
+    pub identity_claims: Vec<String>,
+    /// `jwt`: accepted signature algorithms (asymmetric only).
+    #[serde(default = "default_jwt_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Longest a validated token is trusted without asking again; never past its expiry.
+    #[serde(default = "default_token_cache_ttl", with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    /// How long before its expiry a cached token is asked about again.
+    #[serde(default = "default_expiry_margin", with = "humantime_serde")]
+    pub expiry_margin: Duration,
+    /// Tokens remembered at most.
+    #[serde(default = "default_token_cache_size")]
+    pub cache_size: u64,
+    /// Clock skew allowed on `exp`/`nbf`.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+    /// CA bundle for the provider's https endpoints (default: web PKI roots).
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+fn default_identity_claims() -> Vec<String> {
+    vec!["email".into(), "preferred_username".into()]
+}
+fn default_jwt_algorithms() -> Vec<String> {
+    [
+        "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+fn default_token_cache_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_expiry_margin() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_token_cache_size() -> u64 {
+    10_000
+}
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_auth_timeout() -> Duration {
@@ -890,7 +983,13 @@ impl Config {
                     return Err(invalid("authenticator.url", e.to_string()));
                 }
             }
-            AuthenticatorKind::File => {}
+            AuthenticatorKind::OAuth if self.authenticator.oauth.is_none() => {
+                return Err(invalid(
+                    "authenticator.oauth",
+                    "required for kind = \"oauth\"",
+                ));
+            }
+            AuthenticatorKind::File | AuthenticatorKind::OAuth => {}
         }
         if self.authenticator.timeout.is_zero() {
             return Err(invalid(

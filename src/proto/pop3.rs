@@ -9,7 +9,7 @@ use crate::proto::line::{LineBuffer, TooLong};
 use crate::proto::prelogin::{
     sasl_next, BackendMachine, Close, Event, Failure, PreLogin, Refusal, SaslNext,
 };
-use crate::sasl::{self, Credentials, Exchange, Mechanism, Response, SaslError, Step};
+use crate::sasl::{self, Credentials, Exchange, Mechanism, Offer, Response, SaslError, Step};
 use crate::secret::Secret;
 
 /// Longest ordinary command line (RFC 2449 allows 255; SECURITY.md says 512).
@@ -26,13 +26,20 @@ pub struct Pop3Options {
     pub rules: IdentityRules,
     pub max_auth_failures: u32,
     pub max_protocol_errors: u32,
+    /// The SASL mechanisms offered.
+    pub sasl: Offer,
 }
 
 #[derive(Debug)]
 enum State {
     Commands,
     Sasl(Exchange),
-    Checking,
+    /// `token`: a refusal goes through the RFC 7628 error challenge first.
+    Checking {
+        token: bool,
+    },
+    /// The error challenge was sent; the client's answer (any line) gets the failure.
+    TokenRefused,
     StartTls,
     Closed,
 }
@@ -86,7 +93,8 @@ impl Pop3PreAuth {
     fn capa(&mut self) {
         self.push("+OK Capability list follows\r\n");
         if self.auth_allowed() {
-            self.push("USER\r\nSASL PLAIN LOGIN\r\n");
+            let names = self.opts.sasl.names().join(" ");
+            self.push(&format!("USER\r\nSASL {names}\r\n"));
         }
         if self.opts.starttls && !self.opts.tls {
             self.push("STLS\r\n");
@@ -94,9 +102,9 @@ impl Pop3PreAuth {
         self.push("RESP-CODES\r\nAUTH-RESP-CODE\r\nTOP\r\nUIDL\r\n.\r\n");
     }
 
-    fn login(&mut self, credentials: Result<Credentials, (Refusal, String)>) -> Event {
+    fn login(&mut self, credentials: Result<Credentials, (Refusal, String)>, token: bool) -> Event {
         self.attempts += 1;
-        self.state = State::Checking;
+        self.state = State::Checking { token };
         Event::Login {
             attempt: self.attempts,
             credentials,
@@ -110,7 +118,9 @@ impl Pop3PreAuth {
                 self.state = State::Sasl(ex);
                 None
             }
-            SaslNext::Login(credentials) => Some(self.login(credentials)),
+            SaslNext::Login(credentials) => {
+                Some(self.login(credentials, ex.mechanism().is_token()))
+            }
             SaslNext::Cancelled => {
                 self.push("-ERR Authentication cancelled\r\n");
                 None
@@ -122,7 +132,22 @@ impl Pop3PreAuth {
         }
     }
 
+    /// The failure for wrong credentials, counting towards the disconnect.
+    fn rejected(&mut self) -> Option<Event> {
+        self.push("-ERR [AUTH] Authentication failed\r\n");
+        self.failures += 1;
+        if self.failures >= self.opts.max_auth_failures {
+            self.state = State::Closed;
+            return Some(Event::Close(Close::TooManyFailures));
+        }
+        None
+    }
+
     fn command(&mut self, line: &[u8]) -> Option<Event> {
+        if let State::TokenRefused = self.state {
+            self.state = State::Commands;
+            return self.rejected();
+        }
         if let State::Sasl(_) = self.state {
             let State::Sasl(mut ex) = std::mem::replace(&mut self.state, State::Commands) else {
                 return None;
@@ -190,10 +215,14 @@ impl Pop3PreAuth {
                         mechanism: Mechanism::Login,
                     }),
                 };
-                Some(self.login(credentials))
+                Some(self.login(credentials, false))
             }
             (b"AUTH", None) => {
-                self.push("+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n");
+                self.push("+OK\r\n");
+                for name in self.opts.sasl.names() {
+                    self.push(&format!("{name}\r\n"));
+                }
+                self.push(".\r\n");
                 None
             }
             (b"AUTH", Some(rest)) => {
@@ -201,7 +230,8 @@ impl Pop3PreAuth {
                     Some(i) => (&rest[..i], Some(&rest[i + 1..])),
                     None => (rest, None),
                 };
-                let Some(mech) = Mechanism::from_name(mech) else {
+                let Some(mech) = Mechanism::from_name(mech).filter(|m| self.opts.sasl.allows(*m))
+                else {
                     return self.protocol_error("-ERR Unsupported authentication mechanism\r\n");
                 };
                 let mut ex = Exchange::new(mech);
@@ -229,14 +259,21 @@ impl PreLogin for Pop3PreAuth {
             match self.state {
                 State::Closed => return Event::Close(Close::Logout),
                 State::StartTls => return Event::StartTls,
-                State::Checking => return Event::NeedInput,
-                State::Commands | State::Sasl(_) => {}
+                State::Checking { .. } => return Event::NeedInput,
+                State::Commands | State::Sasl(_) | State::TokenRefused => {}
             }
             let Some(line) = self.lines.next_line(AUTH_LINE_MAX) else {
                 return Event::NeedInput;
             };
             let ev = match line {
                 Err(TooLong) => {
+                    if matches!(self.state, State::TokenRefused) {
+                        self.state = State::Commands;
+                        if let Some(ev) = self.rejected() {
+                            return ev;
+                        }
+                        continue;
+                    }
                     if matches!(self.state, State::Sasl(_)) {
                         self.state = State::Commands;
                     }
@@ -282,15 +319,17 @@ impl PreLogin for Pop3PreAuth {
     }
 
     fn login_failed(&mut self, failure: Failure) -> Option<Event> {
+        let token = matches!(self.state, State::Checking { token: true });
         self.state = State::Commands;
         match failure {
             Failure::Rejected => {
-                self.push("-ERR [AUTH] Authentication failed\r\n");
-                self.failures += 1;
-                if self.failures >= self.opts.max_auth_failures {
-                    self.state = State::Closed;
-                    return Some(Event::Close(Close::TooManyFailures));
+                if let (true, Some(challenge)) = (token, self.opts.sasl.oauth_error()) {
+                    let line = format!("+ {challenge}\r\n");
+                    self.push(&line);
+                    self.state = State::TokenRefused;
+                    return None;
                 }
+                return self.rejected();
             }
             Failure::Temporary => {
                 self.push("-ERR [SYS/TEMP] Authentication service temporarily unavailable\r\n");

@@ -98,13 +98,20 @@ pub struct SieveOptions {
     /// The backend's capabilities (learnt by [`SieveProbe`], or [`default_capabilities`]);
     /// only the [`mirrorable`] ones are shown.
     pub capabilities: Vec<Capability>,
+    /// The SASL mechanisms offered.
+    pub sasl: crate::sasl::Offer,
 }
 
 #[derive(Debug)]
 enum State {
     Commands,
     Sasl(Exchange),
-    Checking,
+    /// `token`: a refusal goes through the RFC 7628 error challenge first.
+    Checking {
+        token: bool,
+    },
+    /// The error challenge was sent; the client's answer (any string) gets the failure.
+    TokenRefused,
     StartTls,
     Closed,
 }
@@ -147,7 +154,8 @@ impl SievePreAuth {
         let mut out = std::mem::take(&mut self.out);
         out.extend_from_slice(b"\"IMPLEMENTATION\" \"Portcullis\"\r\n");
         if self.auth_allowed() {
-            out.extend_from_slice(b"\"SASL\" \"PLAIN LOGIN\"\r\n");
+            let names = self.opts.sasl.names().join(" ");
+            out.extend_from_slice(format!("\"SASL\" \"{names}\"\r\n").as_bytes());
         } else {
             // RFC 5804 §1.7: an empty list is allowed when STARTTLS is offered.
             out.extend_from_slice(b"\"SASL\" \"\"\r\n");
@@ -185,9 +193,9 @@ impl SievePreAuth {
         None
     }
 
-    fn login(&mut self, credentials: Result<Credentials, (Refusal, String)>) -> Event {
+    fn login(&mut self, credentials: Result<Credentials, (Refusal, String)>, token: bool) -> Event {
         self.attempts += 1;
-        self.state = State::Checking;
+        self.state = State::Checking { token };
         Event::Login {
             attempt: self.attempts,
             credentials,
@@ -204,7 +212,9 @@ impl SievePreAuth {
                 self.state = State::Sasl(exchange);
                 None
             }
-            SaslNext::Login(credentials) => Some(self.login(credentials)),
+            SaslNext::Login(credentials) => {
+                Some(self.login(credentials, exchange.mechanism().is_token()))
+            }
             SaslNext::Cancelled => {
                 self.push("NO \"Authentication cancelled\"\r\n");
                 None
@@ -237,7 +247,8 @@ impl SievePreAuth {
                 "NO (ENCRYPT-NEEDED) \"Authentication requires TLS; use STARTTLS\"\r\n",
             );
         }
-        let Some(mech) = Mechanism::from_name(mechanism) else {
+        let Some(mech) = Mechanism::from_name(mechanism).filter(|m| self.opts.sasl.allows(*m))
+        else {
             return self.protocol_error("NO \"Unsupported authentication mechanism\"\r\n");
         };
         let mut exchange = Exchange::new(mech);
@@ -248,6 +259,18 @@ impl SievePreAuth {
             Some(Err(e)) => Err(e),
         };
         self.sasl_step(exchange, step)
+    }
+
+    /// The failure for wrong credentials, counting towards the disconnect.
+    fn rejected(&mut self) -> Option<Event> {
+        self.push("NO \"Authentication failed\"\r\n");
+        self.failures += 1;
+        if self.failures >= self.opts.max_auth_failures {
+            self.push("BYE \"Too many authentication failures\"\r\n");
+            self.state = State::Closed;
+            return Some(Event::Close(Close::TooManyFailures));
+        }
+        None
     }
 
     fn starttls(&mut self) -> Option<Event> {
@@ -334,8 +357,8 @@ impl PreLogin for SievePreAuth {
             match self.state {
                 State::Closed => return Event::Close(Close::Logout),
                 State::StartTls => return Event::StartTls,
-                State::Checking => return Event::NeedInput,
-                State::Commands | State::Sasl(_) => {}
+                State::Checking { .. } => return Event::NeedInput,
+                State::Commands | State::Sasl(_) | State::TokenRefused => {}
             }
             let Some(frame) = self.framer.next_frame() else {
                 return Event::NeedInput;
@@ -362,6 +385,8 @@ impl PreLogin for SievePreAuth {
                 Frame::Complete(bytes) => {
                     match std::mem::replace(&mut self.state, State::Commands) {
                         State::Sasl(exchange) => self.sasl_response(exchange, &bytes),
+                        // The client's answer to the error challenge; its content is moot.
+                        State::TokenRefused => self.rejected(),
                         _ => self.command(&bytes),
                     }
                 }
@@ -406,16 +431,19 @@ impl PreLogin for SievePreAuth {
     }
 
     fn login_failed(&mut self, failure: Failure) -> Option<Event> {
+        let token = matches!(self.state, State::Checking { token: true });
         self.state = State::Commands;
         match failure {
             Failure::Rejected => {
-                self.push("NO \"Authentication failed\"\r\n");
-                self.failures += 1;
-                if self.failures >= self.opts.max_auth_failures {
-                    self.push("BYE \"Too many authentication failures\"\r\n");
-                    self.state = State::Closed;
-                    return Some(Event::Close(Close::TooManyFailures));
+                if let (true, Some(challenge)) = (token, self.opts.sasl.oauth_error()) {
+                    let mut out = std::mem::take(&mut self.out);
+                    push_string(&mut out, challenge.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                    self.out = out;
+                    self.state = State::TokenRefused;
+                    return None;
                 }
+                return self.rejected();
             }
             Failure::Temporary => {
                 self.push("NO (TRYLATER) \"Authentication service temporarily unavailable\"\r\n");

@@ -16,7 +16,7 @@ use smtp_proto::Request;
 use crate::identity::IdentityRules;
 use crate::proto::line::{LineBuffer, TooLong};
 use crate::proto::prelogin::{sasl_next, Close, Event, Failure, PreLogin, Refusal, SaslNext};
-use crate::sasl::{self, Credentials, Exchange, Mechanism, Response, SaslError, Step};
+use crate::sasl::{self, Credentials, Exchange, Mechanism, Offer, Response, SaslError, Step};
 
 pub use backend::SmtpBackendLogin;
 
@@ -70,6 +70,8 @@ pub struct SmtpOptions {
     pub hostname: String,
     /// What to offer in `EHLO` besides AUTH and STARTTLS (see [`client_keywords`]).
     pub keywords: Arc<Vec<String>>,
+    /// The SASL mechanisms offered.
+    pub sasl: Offer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +85,12 @@ enum Greeted {
 enum State {
     Commands,
     Sasl(Exchange),
-    Checking,
+    /// `token`: a refusal goes through the RFC 7628 error challenge first.
+    Checking {
+        token: bool,
+    },
+    /// The error challenge was sent; the client's answer (any line) gets the failure.
+    TokenRefused,
     StartTls,
     Closed,
 }
@@ -147,7 +154,7 @@ impl SmtpPreAuth {
         let mut lines: Vec<String> = vec![self.opts.hostname.clone()];
         lines.extend(self.opts.keywords.iter().cloned());
         if self.auth_allowed() {
-            lines.push("AUTH PLAIN LOGIN".into());
+            lines.push(format!("AUTH {}", self.opts.sasl.names().join(" ")));
         }
         if self.opts.starttls && !self.opts.tls {
             lines.push("STARTTLS".into());
@@ -161,9 +168,9 @@ impl SmtpPreAuth {
         self.greeted = Greeted::Ehlo;
     }
 
-    fn login(&mut self, credentials: Result<Credentials, (Refusal, String)>) -> Event {
+    fn login(&mut self, credentials: Result<Credentials, (Refusal, String)>, token: bool) -> Event {
         self.attempts += 1;
-        self.state = State::Checking;
+        self.state = State::Checking { token };
         Event::Login {
             attempt: self.attempts,
             credentials,
@@ -177,7 +184,9 @@ impl SmtpPreAuth {
                 self.state = State::Sasl(ex);
                 None
             }
-            SaslNext::Login(credentials) => Some(self.login(credentials)),
+            SaslNext::Login(credentials) => {
+                Some(self.login(credentials, ex.mechanism().is_token()))
+            }
             SaslNext::Cancelled => {
                 self.push("501 5.0.0 Authentication cancelled\r\n");
                 None
@@ -211,8 +220,14 @@ impl SmtpPreAuth {
             return self.protocol_error("503 5.5.1 Send EHLO first\r\n");
         }
         let mechanism = match mechanism {
-            smtp_proto::AUTH_PLAIN => Mechanism::Plain,
-            smtp_proto::AUTH_LOGIN => Mechanism::Login,
+            smtp_proto::AUTH_PLAIN => Some(Mechanism::Plain),
+            smtp_proto::AUTH_LOGIN => Some(Mechanism::Login),
+            smtp_proto::AUTH_XOAUTH2 => Some(Mechanism::XOAuth2),
+            smtp_proto::AUTH_OAUTHBEARER => Some(Mechanism::OAuthBearer),
+            _ => None,
+        };
+        let mechanism = match mechanism {
+            Some(m) if self.opts.sasl.allows(m) => m,
             _ => {
                 return self.protocol_error("504 5.5.4 Unrecognized authentication type\r\n");
             }
@@ -230,9 +245,27 @@ impl SmtpPreAuth {
         self.sasl_step(ex, step)
     }
 
+    /// The failure for wrong credentials, counting towards the disconnect.
+    fn rejected(&mut self) -> Option<Event> {
+        self.push("535 5.7.8 Authentication credentials invalid\r\n");
+        self.failures += 1;
+        if self.failures >= self.opts.max_auth_failures {
+            let bye = format!(
+                "421 4.7.0 {} Too many failed authentications, closing connection\r\n",
+                self.opts.hostname
+            );
+            return self.close(&bye, Close::TooManyFailures);
+        }
+        None
+    }
+
     fn command(&mut self, line: &[u8]) -> Option<Event> {
         if matches!(self.state, State::Sasl(_)) {
             return self.sasl_line(line);
+        }
+        if let State::TokenRefused = self.state {
+            self.state = State::Commands;
+            return self.rejected();
         }
         if super::looks_like_http(line) {
             self.state = State::Closed;
@@ -326,14 +359,21 @@ impl PreLogin for SmtpPreAuth {
             match self.state {
                 State::Closed => return Event::Close(Close::Logout),
                 State::StartTls => return Event::StartTls,
-                State::Checking => return Event::NeedInput,
-                State::Commands | State::Sasl(_) => {}
+                State::Checking { .. } => return Event::NeedInput,
+                State::Commands | State::Sasl(_) | State::TokenRefused => {}
             }
             let Some(line) = self.lines.next_line(AUTH_LINE_MAX) else {
                 return Event::NeedInput;
             };
             let ev = match line {
                 Err(TooLong) => {
+                    if matches!(self.state, State::TokenRefused) {
+                        self.state = State::Commands;
+                        if let Some(ev) = self.rejected() {
+                            return ev;
+                        }
+                        continue;
+                    }
                     if matches!(self.state, State::Sasl(_)) {
                         self.state = State::Commands;
                     }
@@ -387,18 +427,17 @@ impl PreLogin for SmtpPreAuth {
     }
 
     fn login_failed(&mut self, failure: Failure) -> Option<Event> {
+        let token = matches!(self.state, State::Checking { token: true });
         self.state = State::Commands;
         match failure {
             Failure::Rejected => {
-                self.push("535 5.7.8 Authentication credentials invalid\r\n");
-                self.failures += 1;
-                if self.failures >= self.opts.max_auth_failures {
-                    let bye = format!(
-                        "421 4.7.0 {} Too many failed authentications, closing connection\r\n",
-                        self.opts.hostname
-                    );
-                    return self.close(&bye, Close::TooManyFailures);
+                if let (true, Some(challenge)) = (token, self.opts.sasl.oauth_error()) {
+                    let line = format!("334 {challenge}\r\n");
+                    self.push(&line);
+                    self.state = State::TokenRefused;
+                    return None;
                 }
+                return self.rejected();
             }
             Failure::Temporary => {
                 self.push("454 4.7.0 Temporary authentication failure\r\n");

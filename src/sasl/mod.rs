@@ -5,8 +5,8 @@
 //! migration router, a chokepoint refuses every ambiguity: an authorization identity that differs
 //! from the authentication identity, extra NUL fields, empty fields, malformed base64.
 //!
-//! New mechanisms (XOAUTH2, OAUTHBEARER) add a [`Mechanism`] variant and a state; the protocol
-//! drivers only ever see [`Step`].
+//! The bearer-token mechanisms (XOAUTH2, OAUTHBEARER; [`oauth`]) produce the same
+//! [`Credentials`] with the token as the secret; the protocol drivers only ever see [`Step`].
 
 use base64::Engine as _;
 use thiserror::Error;
@@ -15,6 +15,7 @@ use zeroize::Zeroizing;
 use crate::identity::{IdentityError, IdentityRules};
 use crate::secret::Secret;
 
+pub mod oauth;
 mod plain;
 
 pub use plain::parse_plain;
@@ -29,6 +30,12 @@ pub enum Mechanism {
     Plain,
     /// The LOGIN mechanism (two prompts), also used for IMAP's LOGIN command and POP3 USER/PASS.
     Login,
+    /// Google's XOAUTH2: an identity and a bearer token.
+    XOAuth2,
+    /// RFC 7628 OAUTHBEARER: an identity and a bearer token.
+    OAuthBearer,
+    /// HTTP `Authorization: Bearer`: a token without a claimed identity. Never offered in SASL.
+    Bearer,
 }
 
 impl Mechanism {
@@ -38,6 +45,10 @@ impl Mechanism {
             Some(Self::Plain)
         } else if name.eq_ignore_ascii_case(b"LOGIN") {
             Some(Self::Login)
+        } else if name.eq_ignore_ascii_case(b"XOAUTH2") {
+            Some(Self::XOAuth2)
+        } else if name.eq_ignore_ascii_case(b"OAUTHBEARER") {
+            Some(Self::OAuthBearer)
         } else {
             None
         }
@@ -48,6 +59,9 @@ impl Mechanism {
         match self {
             Self::Plain => "PLAIN",
             Self::Login => "LOGIN",
+            Self::XOAuth2 => "XOAUTH2",
+            Self::OAuthBearer => "OAUTHBEARER",
+            Self::Bearer => "BEARER",
         }
     }
 
@@ -56,7 +70,60 @@ impl Mechanism {
         match self {
             Self::Plain => "plain",
             Self::Login => "login",
+            Self::XOAuth2 => "xoauth2",
+            Self::OAuthBearer => "oauthbearer",
+            Self::Bearer => "bearer",
         }
+    }
+
+    /// Whether the secret is a bearer token rather than a password.
+    pub fn is_token(self) -> bool {
+        matches!(self, Self::XOAuth2 | Self::OAuthBearer | Self::Bearer)
+    }
+}
+
+/// Which mechanisms a listener offers. PLAIN and LOGIN always; the bearer-token pair only when a
+/// token validator is configured, carrying the RFC 7628 error a refused token is told.
+#[derive(Debug, Clone, Default)]
+pub struct Offer {
+    oauth_error: Option<std::sync::Arc<str>>,
+}
+
+impl Offer {
+    /// PLAIN and LOGIN only.
+    pub fn passwords() -> Self {
+        Self::default()
+    }
+
+    /// PLAIN, LOGIN, XOAUTH2 and OAUTHBEARER; `discovery` goes into the error challenge.
+    pub fn with_oauth(discovery: Option<&str>) -> Self {
+        let raw = oauth::error_challenge(discovery);
+        Self {
+            oauth_error: Some(encode_challenge(&raw).into()),
+        }
+    }
+
+    /// Whether a client may use `m` here.
+    pub fn allows(&self, m: Mechanism) -> bool {
+        match m {
+            Mechanism::Plain | Mechanism::Login => true,
+            Mechanism::XOAuth2 | Mechanism::OAuthBearer => self.oauth_error.is_some(),
+            Mechanism::Bearer => false,
+        }
+    }
+
+    /// The offered names, in preference order.
+    pub fn names(&self) -> &'static [&'static str] {
+        if self.oauth_error.is_some() {
+            &["PLAIN", "LOGIN", "OAUTHBEARER", "XOAUTH2"]
+        } else {
+            &["PLAIN", "LOGIN"]
+        }
+    }
+
+    /// The base64 error challenge for a refused token (RFC 7628 §3.2.2), if tokens are offered.
+    pub fn oauth_error(&self) -> Option<&str> {
+        self.oauth_error.as_deref()
     }
 }
 
@@ -197,11 +264,17 @@ impl Exchange {
         rules: &IdentityRules,
     ) -> Result<Step, SaslError> {
         match (self.mechanism, initial) {
-            (Mechanism::Plain, None) => {
+            (Mechanism::Plain | Mechanism::XOAuth2 | Mechanism::OAuthBearer, None) => {
                 self.state = State::Start;
                 Ok(Step::Challenge(b""))
             }
-            (Mechanism::Plain, Some(data)) => self.finish_plain(data, rules),
+            (Mechanism::Plain | Mechanism::XOAuth2 | Mechanism::OAuthBearer, Some(data)) => {
+                self.finish_single(data, rules)
+            }
+            (Mechanism::Bearer, _) => {
+                self.state = State::Finished;
+                Err(SaslError::UnexpectedData)
+            }
             (Mechanism::Login, None) => {
                 self.state = State::LoginUser;
                 Ok(Step::Challenge(b"Username:"))
@@ -223,7 +296,14 @@ impl Exchange {
             return Err(SaslError::TooLong);
         }
         match std::mem::replace(&mut self.state, State::Finished) {
-            State::Start if self.mechanism == Mechanism::Plain => self.finish_plain(data, rules),
+            State::Start
+                if matches!(
+                    self.mechanism,
+                    Mechanism::Plain | Mechanism::XOAuth2 | Mechanism::OAuthBearer
+                ) =>
+            {
+                self.finish_single(data, rules)
+            }
             State::LoginUser => {
                 let user = rules.validate(data)?.to_owned();
                 self.state = State::LoginPass(user);
@@ -243,16 +323,21 @@ impl Exchange {
         }
     }
 
-    fn finish_plain(&mut self, data: &[u8], rules: &IdentityRules) -> Result<Step, SaslError> {
+    /// The single-message mechanisms: PLAIN and the two bearer-token ones.
+    fn finish_single(&mut self, data: &[u8], rules: &IdentityRules) -> Result<Step, SaslError> {
         self.state = State::Finished;
         if data.len() > MAX_SASL_LEN {
             return Err(SaslError::TooLong);
         }
-        let (username, secret) = parse_plain(data, rules)?;
+        let (username, secret) = match self.mechanism {
+            Mechanism::XOAuth2 => oauth::parse_xoauth2(data, rules)?,
+            Mechanism::OAuthBearer => oauth::parse_oauthbearer(data, rules)?,
+            _ => parse_plain(data, rules)?,
+        };
         Ok(Step::Done(Credentials {
             username,
             secret,
-            mechanism: Mechanism::Plain,
+            mechanism: self.mechanism,
         }))
     }
 }

@@ -158,11 +158,13 @@ impl Server {
             }
         }
         let config_http = config.http.clone();
+        let sasl = crate::authn::sasl_offer(&config.authenticator);
         let shared = Arc::new(Shared {
             config,
             authn,
             backend,
             rules,
+            sasl,
             shutdown: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             learned: crate::backend::learned::Learned::new(),

@@ -33,6 +33,7 @@ pub async fn run(
         starttls: listener.tls == ListenerTls::Starttls,
         allow_plaintext_auth: listener.allow_plaintext_auth,
         rules: shared.rules.clone(),
+        sasl: shared.sasl.clone(),
     });
     let plug = Plug {
         protocol: Protocol::Imap,

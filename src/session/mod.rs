@@ -29,6 +29,8 @@ pub struct Shared {
     pub authn: Checked,
     pub backend: Connector,
     pub rules: IdentityRules,
+    /// The SASL mechanisms every mail listener offers.
+    pub sasl: crate::sasl::Offer,
     /// Fired by SIGTERM: pre-login sessions say goodbye, listeners stop accepting.
     pub shutdown: CancellationToken,
     /// Fired when the shutdown grace period is over: spliced sessions are closed.

@@ -24,6 +24,7 @@ pub async fn run(
         starttls: listener.tls == ListenerTls::Starttls,
         allow_plaintext_auth: listener.allow_plaintext_auth,
         rules: shared.rules.clone(),
+        sasl: shared.sasl.clone(),
         max_auth_failures: l.max_auth_failures,
         max_protocol_errors: l.max_protocol_errors,
     });

@@ -15,7 +15,7 @@ use imap_codec::{AuthenticateDataCodec, CommandCodec};
 
 use crate::identity::IdentityRules;
 use crate::proto::prelogin::{sasl_next, Close, Event, Failure, PreLogin, Refusal, SaslNext};
-use crate::sasl::{Credentials, Exchange, Mechanism, SaslError, Step};
+use crate::sasl::{Credentials, Exchange, Mechanism, Offer, SaslError, Step};
 
 /// Bounds on what a client may send before login (SECURITY.md defaults).
 #[derive(Debug, Clone)]
@@ -66,13 +66,26 @@ pub struct PreAuthOptions {
     /// Accept credentials on cleartext (loopback test listeners only).
     pub allow_plaintext_auth: bool,
     pub rules: IdentityRules,
+    /// The SASL mechanisms offered.
+    pub sasl: Offer,
 }
 
 #[derive(Debug)]
 enum State {
     Commands,
-    Sasl { tag: String, exchange: Exchange },
-    Checking { tag: String },
+    Sasl {
+        tag: String,
+        exchange: Exchange,
+    },
+    Checking {
+        tag: String,
+        token: bool,
+    },
+    /// A refused bearer token: the RFC 7628 error challenge was sent; the client's answer (any
+    /// line) gets the tagged failure.
+    TokenRefused {
+        tag: String,
+    },
     StartTls,
     Closed,
 }
@@ -93,6 +106,7 @@ pub struct PreAuth {
 }
 
 const TOO_LONG: &str = "Command line too long";
+const FAILED: &str = "NO [AUTHENTICATIONFAILED] Authentication failed";
 
 impl PreAuth {
     pub fn new(opts: PreAuthOptions) -> Self {
@@ -143,7 +157,10 @@ impl PreAuth {
     pub fn capabilities(&self) -> String {
         let mut caps = String::from("IMAP4rev1 SASL-IR LITERAL- ID");
         if self.auth_allowed() {
-            caps.push_str(" AUTH=PLAIN AUTH=LOGIN");
+            for name in self.opts.sasl.names() {
+                caps.push_str(" AUTH=");
+                caps.push_str(name);
+            }
         } else {
             caps.push_str(" LOGINDISABLED");
         }
@@ -207,7 +224,7 @@ impl PreAuth {
                 State::Closed => return Event::Close(Close::Logout),
                 State::StartTls => return Event::StartTls,
                 State::Checking { .. } => return Event::NeedInput,
-                State::Commands | State::Sasl { .. } => {}
+                State::Commands | State::Sasl { .. } | State::TokenRefused { .. } => {}
             }
             let Some(fragment) = self.frag.progress() else {
                 return Event::NeedInput;
@@ -246,7 +263,7 @@ impl PreAuth {
     /// Decides on a literal announced at the end of a line.
     fn literal_announced(&mut self, mode: LiteralMode, length: u32) -> Option<Event> {
         let l = &self.opts.limits;
-        let in_sasl = matches!(self.state, State::Sasl { .. });
+        let in_sasl = matches!(self.state, State::Sasl { .. } | State::TokenRefused { .. });
         let fits = !in_sasl
             && length <= l.literal_max
             && self.literal_bytes.saturating_add(length) <= l.literal_total
@@ -290,8 +307,10 @@ impl PreAuth {
     }
 
     fn end_sasl_with_bad(&mut self, _tag: Option<&str>) {
-        if let State::Sasl { tag, .. } = std::mem::replace(&mut self.state, State::Commands) {
-            self.tagged(Some(&tag), "BAD Invalid SASL response");
+        match std::mem::replace(&mut self.state, State::Commands) {
+            State::Sasl { tag, .. } => self.tagged(Some(&tag), "BAD Invalid SASL response"),
+            State::TokenRefused { tag } => self.tagged(Some(&tag), FAILED),
+            other => self.state = other,
         }
     }
 
@@ -299,6 +318,15 @@ impl PreAuth {
     fn message(&mut self) -> Option<Event> {
         if let State::Sasl { .. } = self.state {
             return self.sasl_response();
+        }
+        if let State::TokenRefused { .. } = self.state {
+            // The client's answer to the error challenge (`AQ==` or `*`); its content is moot.
+            let _ = self.frag.decode_message(&AuthenticateDataCodec::default());
+            let State::TokenRefused { tag } = std::mem::replace(&mut self.state, State::Commands)
+            else {
+                return None;
+            };
+            return self.rejected(&tag);
         }
         let outcome = self.frag.decode_message(&CommandCodec::default());
         let command = match outcome {
@@ -400,8 +428,14 @@ impl PreAuth {
                     return self.protocol_error();
                 }
                 let mech = match mechanism {
-                    AuthMechanism::Plain => Mechanism::Plain,
-                    AuthMechanism::Login => Mechanism::Login,
+                    AuthMechanism::Plain => Some(Mechanism::Plain),
+                    AuthMechanism::Login => Some(Mechanism::Login),
+                    AuthMechanism::XOAuth2 => Some(Mechanism::XOAuth2),
+                    AuthMechanism::OAuthBearer => Some(Mechanism::OAuthBearer),
+                    _ => None,
+                };
+                let mech = match mech {
+                    Some(m) if self.opts.sasl.allows(m) => m,
                     _ => {
                         self.tagged(
                             Some(&tag),
@@ -476,7 +510,10 @@ impl PreAuth {
                 self.state = State::Sasl { tag, exchange };
                 None
             }
-            SaslNext::Login(credentials) => Some(self.login(tag, credentials)),
+            SaslNext::Login(credentials) => {
+                let token = exchange.mechanism().is_token();
+                Some(self.login_with(tag, credentials, token))
+            }
             SaslNext::Cancelled => {
                 self.tagged(Some(&tag), "BAD Authentication cancelled");
                 None
@@ -496,8 +533,19 @@ impl PreAuth {
     }
 
     fn login(&mut self, tag: String, credentials: Result<Credentials, (Refusal, String)>) -> Event {
+        self.login_with(tag, credentials, false)
+    }
+
+    /// `token`: the attempt used a bearer-token mechanism, so a refusal goes through the
+    /// RFC 7628 error challenge first.
+    fn login_with(
+        &mut self,
+        tag: String,
+        credentials: Result<Credentials, (Refusal, String)>,
+        token: bool,
+    ) -> Event {
         self.attempts += 1;
-        self.state = State::Checking { tag };
+        self.state = State::Checking { tag, token };
         Event::Login {
             attempt: self.attempts,
             credentials,
@@ -507,7 +555,7 @@ impl PreAuth {
     /// The backend login succeeded: answer the client's tag with the backend's post-login
     /// capabilities (already filtered).
     pub fn login_succeeded(&mut self, capabilities: &[String]) {
-        if let State::Checking { tag } = std::mem::replace(&mut self.state, State::Closed) {
+        if let State::Checking { tag, .. } = std::mem::replace(&mut self.state, State::Closed) {
             if capabilities.is_empty() {
                 self.tagged(Some(&tag), "OK Logged in");
             } else {
@@ -519,21 +567,19 @@ impl PreAuth {
 
     /// The attempt failed; answers the client and tells whether the connection goes on.
     pub fn login_failed(&mut self, failure: Failure) -> Option<Event> {
-        let State::Checking { tag } = std::mem::replace(&mut self.state, State::Commands) else {
+        let State::Checking { tag, token } = std::mem::replace(&mut self.state, State::Commands)
+        else {
             return None;
         };
         match failure {
             Failure::Rejected => {
-                self.tagged(
-                    Some(&tag),
-                    "NO [AUTHENTICATIONFAILED] Authentication failed",
-                );
-                self.auth_failures += 1;
-                if self.auth_failures >= self.opts.limits.max_auth_failures {
-                    self.push("* BYE Too many authentication failures\r\n");
-                    self.state = State::Closed;
-                    return Some(Event::Close(Close::TooManyFailures));
+                if let (true, Some(challenge)) = (token, self.opts.sasl.oauth_error()) {
+                    let line = format!("+ {challenge}\r\n");
+                    self.push(line);
+                    self.state = State::TokenRefused { tag };
+                    return None;
                 }
+                return self.rejected(&tag);
             }
             Failure::Temporary => {
                 self.tagged(
@@ -548,6 +594,18 @@ impl PreAuth {
     /// After a successful login: every byte the client sent after its login command, exactly
     /// as sent, to forward to the backend before splicing. `None` if more than the pre-login
     /// buffer bound was pipelined (the driver then closes).
+    /// The tagged failure for wrong credentials, counting towards the disconnect.
+    fn rejected(&mut self, tag: &str) -> Option<Event> {
+        self.tagged(Some(tag), FAILED);
+        self.auth_failures += 1;
+        if self.auth_failures >= self.opts.limits.max_auth_failures {
+            self.push("* BYE Too many authentication failures\r\n");
+            self.state = State::Closed;
+            return Some(Event::Close(Close::TooManyFailures));
+        }
+        None
+    }
+
     pub fn take_leftover(mut self) -> Option<Vec<u8>> {
         let mut rest = Vec::new();
         loop {

@@ -7,6 +7,7 @@ fn machine(tls: bool) -> Pop3PreAuth {
         starttls: !tls,
         allow_plaintext_auth: false,
         rules: IdentityRules::default(),
+        sasl: crate::sasl::Offer::passwords(),
         max_auth_failures: 3,
         max_protocol_errors: 3,
     });

@@ -13,6 +13,7 @@ fn options(tls: bool) -> SieveOptions {
         starttls: !tls,
         allow_plaintext_auth: false,
         rules: IdentityRules::default(),
+        sasl: crate::sasl::Offer::passwords(),
         max_auth_failures: 3,
         max_protocol_errors: 3,
         capabilities: default_capabilities(),

@@ -11,6 +11,7 @@ fn options(tls: bool) -> SmtpOptions {
         starttls: !tls,
         allow_plaintext_auth: false,
         rules: IdentityRules::default(),
+        sasl: crate::sasl::Offer::passwords(),
         max_auth_failures: 3,
         max_protocol_errors: 3,
         hostname: "mx.test".into(),

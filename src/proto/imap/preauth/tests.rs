@@ -10,6 +10,7 @@ fn machine(tls: bool, starttls: bool) -> PreAuth {
         starttls,
         allow_plaintext_auth: false,
         rules: IdentityRules::default(),
+        sasl: crate::sasl::Offer::passwords(),
     });
     m.greet();
     m
