@@ -1,5 +1,6 @@
 //! Proves the harness against real Dovecot: master logins on every protocol,
-//! the SMTP sink, parallel instances, clean shutdown and the auth_http server.
+//! the SMTP sink, parallel instances, clean shutdown and the auth_http server;
+//! and the OpenID provider's device flow, userinfo, introspection and JWTs.
 
 mod common;
 
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::authhttp::{nginx_escape, nginx_unescape, AuthHttpServer, Failure, Mode};
 use common::clients::Client;
 use common::dovecot::{reap_stale_instances, Dovecot, DEFAULT_MASTER_SECRET, MASTER_USER};
+use common::oidc::{OidcProvider, CLIENT_ID, MAIL_RESOURCE};
 use common::ports::{free_port, wait_for_port, wait_for_port_closed};
 
 const ALICE: &str = "alice@example.org";
@@ -520,4 +522,98 @@ fn free_port_is_bindable() {
     let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     assert!(wait_for_port(port, Duration::from_secs(1)));
     drop(listener);
+}
+
+/// Decodes one base64url segment of a JWT into JSON.
+fn jwt_part(token: &str, index: usize) -> serde_json::Value {
+    use base64::Engine;
+    let part = token.split('.').nth(index).expect("JWT part");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .expect("JWT part is base64url");
+    serde_json::from_slice(&bytes).expect("JWT part is JSON")
+}
+
+#[test]
+fn oidc_device_flow_opaque_token_works_at_userinfo_and_introspection() {
+    let op = OidcProvider::start();
+    let discovery = op.discovery();
+    for key in [
+        "jwks_uri",
+        "introspection_endpoint",
+        "userinfo_endpoint",
+        "device_authorization_endpoint",
+        "token_endpoint",
+    ] {
+        let url = discovery[key].as_str().unwrap_or_default();
+        assert!(url.starts_with(&op.issuer()), "{key}: {discovery}");
+    }
+    assert_eq!(discovery["issuer"], op.issuer().as_str());
+
+    let tokens = op.device_flow(ALICE, "alice-password", None);
+    assert_eq!(tokens.access_token.split('.').count(), 1, "{tokens:?}");
+    assert!(tokens.refresh_token.is_some(), "{tokens:?}");
+    assert!(tokens.id_token.is_some(), "{tokens:?}");
+    assert_eq!(tokens.expires_in, 3600);
+
+    let (status, body) = op.userinfo(&tokens.access_token);
+    assert_eq!(status, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(info["sub"], ALICE);
+    assert_eq!(info["email"], ALICE);
+    assert_eq!(info["preferred_username"], ALICE);
+    assert_eq!(op.userinfo("not-a-token").0, 401);
+
+    let intro = op.introspect(&tokens.access_token);
+    assert_eq!(intro["active"], true, "{intro}");
+    assert_eq!(intro["sub"], ALICE, "{intro}");
+    assert_eq!(intro["username"], ALICE, "{intro}");
+    assert_eq!(intro["client_id"], CLIENT_ID, "{intro}");
+    assert!(intro["exp"].as_u64().is_some(), "{intro}");
+    assert_eq!(op.introspect("not-a-token")["active"], false);
+
+    // Names outside the provider's accounts cannot log in.
+    let refused = op
+        .try_device_flow("mallory@example.org", "pw", None)
+        .unwrap_err();
+    assert!(refused.contains("unknown account"), "{refused}");
+}
+
+#[test]
+fn oidc_device_flow_with_mail_resource_yields_a_jwt_signed_by_a_jwks_key() {
+    let op = OidcProvider::start();
+    let tokens = op.device_flow(BOB, "bob-password", Some(MAIL_RESOURCE));
+    assert_eq!(tokens.access_token.split('.').count(), 3, "{tokens:?}");
+    let header = jwt_part(&tokens.access_token, 0);
+    let claims = jwt_part(&tokens.access_token, 1);
+    assert_eq!(header["alg"], "ES256", "{header}");
+    assert_eq!(header["typ"], "at+jwt", "{header}");
+    let kid = header["kid"].as_str().expect("kid in the JWT header");
+    let jwks = op.jwks();
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .expect("keys in the JWKS")
+        .iter()
+        .filter_map(|k| k["kid"].as_str())
+        .collect();
+    assert!(kids.contains(&kid), "{kid} not in {jwks}");
+    assert_eq!(claims["aud"], MAIL_RESOURCE, "{claims}");
+    assert_eq!(claims["iss"], op.issuer().as_str(), "{claims}");
+    assert_eq!(claims["sub"], BOB, "{claims}");
+    assert_eq!(claims["username"], BOB, "{claims}");
+    assert_eq!(claims["client_id"], CLIENT_ID, "{claims}");
+    // The provider does not store JWT access tokens: only the signature vouches for them.
+    assert_eq!(op.introspect(&tokens.access_token)["active"], false);
+}
+
+#[test]
+fn oidc_access_tokens_expire_after_their_ttl() {
+    let op = OidcProvider::start_with(2);
+    let tokens = op.device_flow("carol@example.org", "carol-password", None);
+    assert_eq!(tokens.expires_in, 2);
+    assert_eq!(op.introspect(&tokens.access_token)["active"], true);
+    std::thread::sleep(Duration::from_secs(3));
+    let intro = op.introspect(&tokens.access_token);
+    assert_eq!(intro["active"], false, "{intro}");
+    assert_eq!(op.userinfo(&tokens.access_token).0, 401);
 }

@@ -4,6 +4,7 @@
 //! - [`smtpsink`]: the SMTP server Dovecot's submission relays to.
 //! - [`authhttp`]: an nginx-style `auth_http` authenticator with failure modes.
 //! - [`clients`]: runs the Python protocol clients in `tests/clients/`.
+//! - [`oidc`]: a private OpenID provider (node-oidc-provider) issuing real OAuth tokens.
 //! - [`redis`]: a private redis-server for the guard's shared store.
 //! - [`ports`]: loopback port helpers.
 //!
@@ -31,6 +32,7 @@ pub mod clients;
 pub mod dnsmasq;
 pub mod dovecot;
 pub mod httpbackend;
+pub mod oidc;
 pub mod ports;
 pub mod proxy;
 pub mod redis;
