@@ -106,6 +106,13 @@ pub trait Authenticator: Send + Sync {
     /// The configured kind, for logs.
     fn kind(&self) -> &'static str;
 
+    /// The kind that decides logins with `mechanism` (tokens and passwords may go to different
+    /// ones), for logs.
+    fn kind_for(&self, mechanism: Mechanism) -> &'static str {
+        let _ = mechanism;
+        self.kind()
+    }
+
     /// Re-reads whatever this authenticator loaded from disk (SIGHUP). On error the previous
     /// state stays in force. Kinds with nothing to re-read do nothing.
     ///
@@ -273,6 +280,11 @@ impl Checked {
 
     pub fn kind(&self) -> &'static str {
         self.inner.kind()
+    }
+
+    /// See [`Authenticator::kind_for`].
+    pub fn kind_for(&self, mechanism: Mechanism) -> &'static str {
+        self.inner.kind_for(mechanism)
     }
 
     /// Reloads the inner authenticator (SIGHUP); see [`Authenticator::reload`].

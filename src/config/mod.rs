@@ -400,7 +400,8 @@ pub struct OAuthConfig {
     /// `jwt`: accepted signature algorithms (asymmetric only).
     #[serde(default = "default_jwt_algorithms")]
     pub algorithms: Vec<String>,
-    /// Longest a validated token is trusted without asking again; never past its expiry.
+    /// Longest a validated token is trusted without asking again; never past its expiry. It is
+    /// also how long a revoked token can still be used: `userinfo` answers carry no expiry.
     #[serde(default = "default_token_cache_ttl", with = "humantime_serde")]
     pub cache_ttl: Duration,
     /// How long before its expiry a cached token is asked about again.
@@ -428,7 +429,7 @@ fn default_jwt_algorithms() -> Vec<String> {
     .collect()
 }
 fn default_token_cache_ttl() -> Duration {
-    Duration::from_secs(300)
+    Duration::from_secs(60)
 }
 fn default_expiry_margin() -> Duration {
     Duration::from_secs(30)

@@ -30,8 +30,8 @@ pub const MAX_LOGIN_FORM: usize = 16 * 1024;
 pub enum Authorization {
     /// `Basic` with a well-formed user and password.
     Basic(BasicCredentials),
-    /// `Bearer <token>` (validated elsewhere, or not at all on anonymous paths).
-    Bearer,
+    /// `Bearer <token>` with a well-formed RFC 6750 token (validated by the `oauth` authenticator).
+    Bearer(crate::secret::Secret),
     /// Another scheme (Digest, Negotiate, ...), which Portcullis does not speak.
     Other,
 }
@@ -62,6 +62,8 @@ pub enum BasicError {
     PasswordTooLong,
     #[error("control character in credentials")]
     Control,
+    #[error("bearer token is not an RFC 6750 b64token")]
+    Token,
 }
 
 /// Classifies and, for Basic, decodes an `Authorization` value (RFC 7617).
@@ -82,7 +84,12 @@ pub fn parse_authorization(value: &[u8]) -> Result<Authorization, BasicError> {
         None => (value, &b""[..]),
     };
     if scheme.eq_ignore_ascii_case(b"Bearer") {
-        return Ok(Authorization::Bearer);
+        if !crate::sasl::oauth::is_b64token(rest) {
+            return Err(BasicError::Token);
+        }
+        return Ok(Authorization::Bearer(crate::secret::Secret::new(
+            rest.to_vec(),
+        )));
     }
     if !scheme.eq_ignore_ascii_case(b"Basic") {
         return Ok(Authorization::Other);
@@ -628,10 +635,17 @@ mod tests {
 
     #[test]
     fn other_schemes_are_classified() {
-        assert!(matches!(
-            parse_authorization(b"Bearer abc"),
-            Ok(Authorization::Bearer)
-        ));
+        match parse_authorization(b"Bearer abc.d-e_f~g+h/i==") {
+            Ok(Authorization::Bearer(t)) => assert!(t.ct_eq(b"abc.d-e_f~g+h/i==")),
+            other => panic!("{other:?}"),
+        }
+        for bad in [&b"Bearer "[..], b"Bearer a b", b"Bearer a", b"bearer =x"] {
+            assert_eq!(
+                parse_authorization(bad).err(),
+                Some(BasicError::Token),
+                "{bad:?}"
+            );
+        }
         assert!(matches!(
             parse_authorization(b"Digest x=y"),
             Ok(Authorization::Other)

@@ -121,6 +121,11 @@ impl Offer {
         }
     }
 
+    /// Whether bearer tokens can be checked here (an `[authenticator.oauth]` is configured).
+    pub fn takes_tokens(&self) -> bool {
+        self.oauth_error.is_some()
+    }
+
     /// The base64 error challenge for a refused token (RFC 7628 §3.2.2), if tokens are offered.
     pub fn oauth_error(&self) -> Option<&str> {
         self.oauth_error.as_deref()

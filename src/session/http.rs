@@ -81,6 +81,17 @@ impl HttpState {
         }
     }
 
+    /// The name a bearer token's failures are counted under by the guard: `bearer-` and 16 hex
+    /// digits of a keyed hash of the token (never the token).
+    fn token_guard_name(&self, token: &Secret) -> String {
+        let digest = self.cache_key("", token);
+        let mut name = String::from("bearer-");
+        for b in &digest[..8] {
+            name.push_str(&format!("{b:02x}"));
+        }
+        name
+    }
+
     /// The cache key: HMAC of user and password under a per-process random key, so the cache
     /// never holds a password nor a hash that could be attacked offline after a memory dump.
     fn cache_key(&self, user: &str, password: &Secret) -> [u8; 32] {
@@ -324,18 +335,35 @@ async fn handle(state: &ConnState, req: Request<Incoming>) -> Response<Body> {
         let authn = match authz.map(|v| proto::parse_authorization(v.as_bytes())) {
             None if anonymous => Authn::Anonymous,
             None => Authn::Unauthorized,
-            Some(Ok(Authorization::Bearer)) if anonymous => Authn::Anonymous,
-            Some(Ok(Authorization::Bearer | Authorization::Other)) => Authn::Unauthorized,
+            // Without token validation configured, a token on an anonymous path is the
+            // backend's business (its own OAuth endpoints); it never authorizes anything else.
+            Some(Ok(Authorization::Bearer(_))) if anonymous && !shared.sasl.takes_tokens() => {
+                Authn::Anonymous
+            }
+            Some(Ok(Authorization::Bearer(token))) if shared.sasl.takes_tokens() => {
+                let agent = user_agent(&parts.headers);
+                match authenticate(state, None, token, agent, "bearer").await {
+                    // On an anonymous path a valid token is forwarded as it came.
+                    Authn::Account(_) if anonymous => Authn::Anonymous,
+                    other => other,
+                }
+            }
+            Some(Ok(Authorization::Bearer(_) | Authorization::Other)) => Authn::Unauthorized,
             Some(Err(e)) => {
                 let started = Instant::now();
-                info!(event = "auth", result = "refused", mechanism = "basic", reason = %e, "malformed Basic credentials");
-                shared.metrics.auth("http", "basic", "refused");
+                let mechanism = if e == proto::BasicError::Token {
+                    "bearer"
+                } else {
+                    "basic"
+                };
+                info!(event = "auth", result = "refused", mechanism, reason = %e, "malformed credentials");
+                shared.metrics.auth("http", mechanism, "refused");
                 tokio::time::sleep(shared.failure_delay().saturating_sub(started.elapsed())).await;
                 Authn::Unauthorized
             }
             Some(Ok(Authorization::Basic(creds))) => {
                 let agent = user_agent(&parts.headers);
-                authenticate(state, &creds.user, creds.password, agent, "basic").await
+                authenticate(state, Some(&creds.user), creds.password, agent, "basic").await
             }
         };
         (authn, Request::from_parts(parts, body.boxed()))
@@ -384,7 +412,7 @@ async fn login_form(state: &ConnState, body: Incoming) -> Result<(Authn, Bytes),
     drop(bytes);
     let authn = authenticate(
         state,
-        &form.account_name,
+        Some(&form.account_name),
         Secret::new(form.account_secret.expose().to_vec()),
         None,
         "form",
@@ -399,10 +427,15 @@ async fn login_form(state: &ConnState, body: Incoming) -> Result<(Authn, Bytes),
     Ok((authn, body))
 }
 
-/// One Basic (or login-form) credential through identity rules, guard, cache and authenticator.
+/// One credential through identity rules, guard, cache and authenticator: a Basic or login-form
+/// password (`user` given), or a bearer token (`user` is `None`: the token names its owner).
+///
+/// A token has no claimed name for the guard to count failures by, so it is counted under a
+/// name derived from a keyed hash of the token: repeating one stale token counts once, and many
+/// different wrong tokens from one address look like password spraying, which is what they are.
 async fn authenticate(
     state: &ConnState,
-    user: &[u8],
+    user: Option<&[u8]>,
     password: Secret,
     client_id: Option<String>,
     mechanism: &'static str,
@@ -414,6 +447,14 @@ async fn authenticate(
         .attempts
         .fetch_add(1, Ordering::Relaxed)
         .saturating_add(1);
+    let token_name;
+    let user = match user {
+        Some(u) => u,
+        None => {
+            token_name = shared.http.token_guard_name(&password);
+            token_name.as_bytes()
+        }
+    };
     let username = match shared.rules.validate(user) {
         Ok(u) => u.to_owned(),
         Err(e) => {
@@ -461,9 +502,12 @@ async fn authenticate(
         })
         .inc();
     let http = &shared.http;
+    let is_token = mechanism == "bearer";
+    // Tokens are cached by the `oauth` authenticator, until shortly before they expire.
     let key = http
         .cache
         .as_ref()
+        .filter(|_| !is_token)
         .map(|_| http.cache_key(&username, &password));
     if let (Some(cache), Some(key)) = (&http.cache, &key) {
         if let Some(account) = cache.get(key) {
@@ -474,8 +518,16 @@ async fn authenticate(
     }
     let request = AuthRequest {
         protocol: Protocol::Http,
-        mechanism: crate::sasl::Mechanism::Plain,
-        username,
+        mechanism: if is_token {
+            crate::sasl::Mechanism::Bearer
+        } else {
+            crate::sasl::Mechanism::Plain
+        },
+        username: if is_token {
+            String::new()
+        } else {
+            username.clone()
+        },
         secret: password,
         client: state.ctx.client,
         local: state.ctx.local,
@@ -485,7 +537,7 @@ async fn authenticate(
         client_id,
     };
     let verdict = shared.authn.verify(&request).await;
-    let user = LogName(request.username.as_bytes());
+    let user = LogName(username.as_bytes());
     let latency_ms = started.elapsed().as_millis() as u64;
     shared
         .metrics
@@ -496,7 +548,7 @@ async fn authenticate(
         Verdict::Accept { account } => {
             shared.guard.succeeded(ip, &account).await;
             shared.metrics.auth("http", mechanism, "accept");
-            info!(event = "auth", result = "accept", %user, account = %LogName(account.as_bytes()), mechanism, attempt, authenticator = shared.authn.kind(), latency_ms, "login accepted");
+            info!(event = "auth", result = "accept", %user, account = %LogName(account.as_bytes()), mechanism, attempt, authenticator = shared.authn.kind_for(request.mechanism), latency_ms, "login accepted");
             if let (Some(cache), Some(key)) = (&http.cache, key) {
                 cache.insert(key, Arc::from(account.as_str()));
             }
@@ -505,7 +557,7 @@ async fn authenticate(
         Verdict::Reject { reason, wait } => {
             let outcome = shared
                 .guard
-                .failed(ip, &request.username, &request.secret, "http")
+                .failed(ip, &username, &request.secret, "http")
                 .await;
             shared
                 .metrics
@@ -625,7 +677,7 @@ async fn forward(
             if !parts.headers.get(header::AUTHORIZATION).is_some_and(|v| {
                 matches!(
                     proto::parse_authorization(v.as_bytes()),
-                    Ok(Authorization::Bearer)
+                    Ok(Authorization::Bearer(_))
                 )
             }) {
                 parts.headers.remove(header::AUTHORIZATION);

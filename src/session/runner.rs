@@ -225,6 +225,7 @@ async fn drive<M, BM, B, U, D, F>(
                 }
                 let username = std::mem::take(&mut request.username);
                 let user = LogName(username.as_bytes());
+                let authenticator = shared.authn.kind_for(request.mechanism);
                 let mechanism = request.mechanism.label();
                 drop(request);
                 let failure = match verdict {
@@ -265,7 +266,7 @@ async fn drive<M, BM, B, U, D, F>(
                                 }
                                 shared.metrics.auth(protocol.label(), mechanism, "accept");
                                 observe_latency(&shared, protocol, started);
-                                info!(event = "auth", result = "accept", %user, account = %LogName(account.as_bytes()), mechanism, attempt, authenticator = shared.authn.kind(), latency_ms = started.elapsed().as_millis() as u64, "login accepted");
+                                info!(event = "auth", result = "accept", %user, account = %LogName(account.as_bytes()), mechanism, attempt, authenticator, latency_ms = started.elapsed().as_millis() as u64, "login accepted");
                                 let goodbye = machine.pipelined_goodbye();
                                 let Some(leftover) = machine.take_leftover() else {
                                     let _ = send(&mut conn, goodbye).await;

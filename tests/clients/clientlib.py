@@ -89,6 +89,22 @@ def plain_payload(args):
     return "\0".join([args.authzid or "", args.user or "", args.password or ""]).encode()
 
 
+def xoauth2_payload(args):
+    """XOAUTH2 initial response; the token is passed as the password."""
+    return ("user=%s\x01auth=Bearer %s\x01\x01" % (args.user, args.password)).encode()
+
+
+def oauthbearer_payload(args):
+    """RFC 7628 OAUTHBEARER initial response; the token is passed as the password."""
+    user = args.user.replace("=", "=3D").replace(",", "=2C")
+    return ("n,a=%s,\x01host=%s\x01port=%d\x01auth=Bearer %s\x01\x01"
+            % (user, args.host, args.port or 0, args.password)).encode()
+
+
+def token_payload(args):
+    return xoauth2_payload(args) if args.mode.startswith("xoauth2") else oauthbearer_payload(args)
+
+
 def plain_b64(args):
     return base64.b64encode(plain_payload(args)).decode()
 

@@ -88,6 +88,17 @@ def main(args, result):
         typ, data = m._simple_command("AUTHENTICATE", "PLAIN", clientlib.plain_b64(args))
         check(typ, data, "AUTHENTICATE")
         m.state = "AUTH"
+    elif args.mode in ("xoauth2", "oauthbearer"):
+        # A refused token gets an RFC 7628 error challenge, answered with ^A.
+        def answer(challenge):
+            if challenge:
+                result["oauth_error"] = clientlib.text(challenge)
+                return b"\x01"
+            return clientlib.token_payload(args)
+        try:
+            typ, data = m.authenticate(args.mode.upper(), answer)
+        except imaplib.IMAP4.error as e:
+            typ, data = "NO", [str(e).encode()]
     else:
         typ, data = "OK", [b"not logged in"]
     if args.mode != "none":
@@ -147,5 +158,6 @@ def main(args, result):
 if __name__ == "__main__":
     parser = clientlib.base_parser(
         "IMAP test client", "login",
-        ["login", "authenticate-plain", "authenticate-plain-ir", "none"])
+        ["login", "authenticate-plain", "authenticate-plain-ir", "xoauth2", "oauthbearer",
+         "none"])
     clientlib.run(main, parser)

@@ -40,6 +40,18 @@ def main(args, result):
     elif args.mode == "auth-login":
         s.user, s.password = args.user, args.password
         code, msg = s.auth("LOGIN", s.auth_login, initial_response_ok=False)
+    elif args.mode in ("xoauth2", "oauthbearer"):
+        # smtplib sends the initial response; a refused token gets the RFC 7628 error
+        # challenge, answered with ^A.
+        def answer(challenge=None):
+            if challenge:
+                result["oauth_error"] = clientlib.text(challenge)
+                return "\x01"
+            return clientlib.token_payload(args).decode()
+        try:
+            code, msg = s.auth(args.mode.upper(), answer)
+        except smtplib.SMTPAuthenticationError as e:
+            code, msg = e.smtp_code, e.smtp_error
     else:
         code, msg = None, None
     if code is not None:
@@ -70,7 +82,8 @@ def main(args, result):
 
 if __name__ == "__main__":
     parser = clientlib.base_parser(
-        "SMTP submission test client", "auth-plain", ["auth-plain", "auth-login", "none"])
+        "SMTP submission test client", "auth-plain",
+        ["auth-plain", "auth-login", "xoauth2", "oauthbearer", "none"])
     parser.add_argument("--helo", default="client.example.org")
     parser.add_argument("--mail-from", default="alice@example.org")
     parser.add_argument("--rcpt", action="append")

@@ -361,6 +361,14 @@ impl Authenticator for Routed {
         self.passwords.as_ref().map_or("oauth", |p| p.kind())
     }
 
+    fn kind_for(&self, mechanism: Mechanism) -> &'static str {
+        if mechanism.is_token() {
+            "oauth"
+        } else {
+            self.kind()
+        }
+    }
+
     fn reload(&self) -> Result<(), ReloadError> {
         self.passwords.as_ref().map_or(Ok(()), |p| p.reload())
     }

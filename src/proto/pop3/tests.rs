@@ -126,3 +126,52 @@ fn backend_login() {
         BackendEvent::Failed(BackendError::LoginRefused)
     );
 }
+
+#[test]
+fn bearer_tokens_and_the_error_challenge() {
+    let offer = crate::sasl::Offer::with_oauth(None);
+    let mut m = Pop3PreAuth::new(Pop3Options {
+        tls: true,
+        starttls: false,
+        allow_plaintext_auth: false,
+        rules: IdentityRules::default(),
+        sasl: offer.clone(),
+        max_auth_failures: 2,
+        max_protocol_errors: 3,
+    });
+    m.greet();
+    m.take_output();
+    let xoauth2 = crate::sasl::encode_challenge(b"user=alice\x01auth=Bearer tok\x01\x01");
+    let (out, logins, close) = drive(
+        &mut m,
+        &[
+            b"CAPA\r\nAUTH\r\n",
+            format!("AUTH XOAUTH2 {xoauth2}\r\n").as_bytes(),
+            b"AQ==\r\n",
+            b"AUTH OAUTHBEARER\r\n",
+            crate::sasl::encode_challenge(b"n,a=bob,\x01auth=Bearer t\x01\x01").as_bytes(),
+            b"\r\n",
+            b"AQ==\r\n",
+        ],
+        Failure::Rejected,
+    );
+    assert!(
+        out.contains("SASL PLAIN LOGIN OAUTHBEARER XOAUTH2\r\n"),
+        "{out}"
+    );
+    assert!(out.contains("+OK\r\nPLAIN\r\nLOGIN\r\nOAUTHBEARER\r\nXOAUTH2\r\n.\r\n"));
+    assert_eq!(logins, vec![Ok("alice".into()), Ok("bob".into())]);
+    let challenge = format!("+ {}\r\n", offer.oauth_error().unwrap());
+    assert_eq!(out.matches(&challenge).count(), 2, "{out}");
+    assert!(out.ends_with(&format!("{challenge}-ERR [AUTH] Authentication failed\r\n")));
+    assert_eq!(close, Some(Close::TooManyFailures));
+    // Without OAuth configured the mechanisms do not exist.
+    let mut m = machine(true);
+    let (out, logins, _) = drive(
+        &mut m,
+        &[format!("AUTH XOAUTH2 {xoauth2}\r\n").as_bytes()],
+        Failure::Rejected,
+    );
+    assert!(out.starts_with("-ERR Unsupported"), "{out}");
+    assert!(logins.is_empty());
+}

@@ -731,3 +731,35 @@ proptest! {
         prop_assert!(data.starts_with(&out));
     }
 }
+
+#[test]
+fn bearer_tokens_and_the_error_challenge() {
+    let offer = crate::sasl::Offer::with_oauth(None);
+    let mut m = SievePreAuth::new(SieveOptions {
+        sasl: offer.clone(),
+        ..options(true)
+    });
+    m.greet();
+    let greeting = String::from_utf8(m.take_output()).unwrap();
+    assert!(
+        greeting.contains("\"SASL\" \"PLAIN LOGIN OAUTHBEARER XOAUTH2\""),
+        "{greeting}"
+    );
+    let bearer = crate::sasl::encode_challenge(b"n,a=bob,\x01auth=Bearer t\x01\x01");
+    let (out, logins, _) = drive(
+        &mut m,
+        &[
+            format!("AUTHENTICATE \"OAUTHBEARER\" \"{bearer}\"\r\n").as_bytes(),
+            b"\"AQ==\"\r\n",
+        ],
+        Failure::Rejected,
+    );
+    assert_eq!(logins, vec![Ok(("bob".into(), b"t".to_vec()))]);
+    assert_eq!(
+        out,
+        format!(
+            "\"{}\"\r\nNO \"Authentication failed\"\r\n",
+            offer.oauth_error().unwrap()
+        )
+    );
+}

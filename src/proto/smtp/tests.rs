@@ -342,3 +342,51 @@ fn probe_learns_keywords_and_quits() {
         vec!["PIPELINING".to_string(), "SIZE 5000".to_string()]
     );
 }
+
+#[test]
+fn bearer_tokens_and_the_error_challenge() {
+    let offer = crate::sasl::Offer::with_oauth(None);
+    let mut m = SmtpPreAuth::new(SmtpOptions {
+        sasl: offer.clone(),
+        ..options(true)
+    });
+    m.greet();
+    m.take_output();
+    let xoauth2 = crate::sasl::encode_challenge(b"user=alice\x01auth=Bearer tok\x01\x01");
+    let bearer = crate::sasl::encode_challenge(b"n,a=bob,\x01auth=Bearer t\x01\x01");
+    let (out, logins, _) = drive(
+        &mut m,
+        &[
+            b"EHLO c\r\n",
+            format!("AUTH XOAUTH2 {xoauth2}\r\n").as_bytes(),
+            b"AQ==\r\n",
+            format!("AUTH OAUTHBEARER {bearer}\r\n").as_bytes(),
+        ],
+        Failure::Rejected,
+    );
+    assert!(
+        out.contains("250 AUTH PLAIN LOGIN OAUTHBEARER XOAUTH2\r\n"),
+        "{out}"
+    );
+    assert_eq!(logins, vec![Ok("alice".into()), Ok("bob".into())]);
+    let challenge = format!("334 {}\r\n", offer.oauth_error().unwrap());
+    assert!(
+        out.contains(&format!(
+            "{challenge}535 5.7.8 Authentication credentials invalid\r\n"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.ends_with(&challenge),
+        "waits for the client's answer: {out}"
+    );
+    // Not offered without OAuth.
+    let mut m = machine(true);
+    let (out, logins, _) = drive(
+        &mut m,
+        &[format!("EHLO c\r\nAUTH XOAUTH2 {xoauth2}\r\n").as_bytes()],
+        Failure::Rejected,
+    );
+    assert!(out.contains("504 5.5.4"), "{out}");
+    assert!(logins.is_empty());
+}

@@ -460,3 +460,101 @@ fn bare_lf_line_endings_are_accepted() {
     assert!(r.out.contains("a OK CAPABILITY completed"), "{}", r.out);
     assert_eq!(r.logins, vec![Ok(("alice".to_owned(), b"pw".to_vec()))]);
 }
+
+fn oauth_machine() -> PreAuth {
+    let mut m = PreAuth::new(PreAuthOptions {
+        limits: ImapLimits::default(),
+        tls: true,
+        starttls: false,
+        allow_plaintext_auth: false,
+        rules: IdentityRules::default(),
+        sasl: Offer::with_oauth(Some("https://idp/.well-known/openid-configuration")),
+    });
+    m.greet();
+    m
+}
+
+const XOAUTH2_B64: &str = "dXNlcj1hbGljZUBleGFtcGxlLm9yZwFhdXRoPUJlYXJlciB0b2sBAQ==";
+
+#[test]
+fn bearer_mechanisms_only_when_offered() {
+    let mut m = machine(true, false);
+    let run = drive(
+        &mut m,
+        &[format!("a AUTHENTICATE XOAUTH2 {XOAUTH2_B64}\r\n").as_bytes()],
+        Some(Failure::Rejected),
+    );
+    assert!(run.out.contains("a NO [CANNOT]"), "{}", run.out);
+    assert!(run.logins.is_empty());
+    let mut m = oauth_machine();
+    let greeting = String::from_utf8(m.take_output()).unwrap();
+    assert!(
+        greeting.contains("AUTH=PLAIN AUTH=LOGIN AUTH=OAUTHBEARER AUTH=XOAUTH2"),
+        "{greeting}"
+    );
+}
+
+#[test]
+fn a_refused_token_gets_the_rfc7628_challenge_then_no() {
+    let mut m = oauth_machine();
+    m.take_output();
+    let run = drive(
+        &mut m,
+        &[
+            format!("a AUTHENTICATE XOAUTH2 {XOAUTH2_B64}\r\n").as_bytes(),
+            b"AQ==\r\n",
+            b"b NOOP\r\n",
+        ],
+        Some(Failure::Rejected),
+    );
+    assert_eq!(
+        run.logins,
+        vec![Ok(("alice@example.org".into(), b"tok".to_vec()))]
+    );
+    let challenge = Offer::with_oauth(Some("https://idp/.well-known/openid-configuration"));
+    let expected = format!(
+        "+ {}\r\na NO [AUTHENTICATIONFAILED] Authentication failed\r\nb OK NOOP completed\r\n",
+        challenge.oauth_error().unwrap()
+    );
+    assert_eq!(run.out, expected);
+    // OAUTHBEARER without an initial response, and a temporary failure skips the challenge.
+    let mut m = oauth_machine();
+    m.take_output();
+    let payload = crate::sasl::encode_challenge(b"n,a=bob,\x01auth=Bearer t0k\x01\x01");
+    let run = drive(
+        &mut m,
+        &[
+            b"a AUTHENTICATE OAUTHBEARER\r\n",
+            format!("{payload}\r\n").as_bytes(),
+        ],
+        Some(Failure::Temporary),
+    );
+    assert_eq!(run.logins, vec![Ok(("bob".into(), b"t0k".to_vec()))]);
+    assert_eq!(
+        run.out,
+        "+ \r\na NO [UNAVAILABLE] Authentication service temporarily unavailable\r\n"
+    );
+}
+
+#[test]
+fn a_token_under_the_master_separator_is_refused_through_the_challenge() {
+    let mut m = oauth_machine();
+    m.take_output();
+    let payload = crate::sasl::encode_challenge(b"user=bob%master\x01auth=Bearer t\x01\x01");
+    let run = drive(
+        &mut m,
+        &[
+            format!("a AUTHENTICATE XOAUTH2 {payload}\r\n").as_bytes(),
+            b"*\r\n",
+        ],
+        Some(Failure::Rejected),
+    );
+    assert_eq!(
+        run.logins,
+        vec![Err(Refusal::Identity(IdentityError::Separator))]
+    );
+    assert!(run.out.starts_with("+ ey"), "{}", run.out);
+    assert!(run
+        .out
+        .ends_with("a NO [AUTHENTICATIONFAILED] Authentication failed\r\n"));
+}
