@@ -257,3 +257,74 @@ fn http_bearer_becomes_the_master_login_of_the_owner() {
     );
     assert!(!proxy.log().contains(&tokens.access_token));
 }
+
+#[test]
+fn token_endpoint_failures_feed_the_guard() {
+    let idp = OidcProvider::start();
+    let mut opts = ProxyOptions::file_users(free_port(), "http-master-secret");
+    opts.backend_http_port = idp.port();
+    opts.extra = "[http]\nanonymous_paths = [\"/.well-known/*\", \"/token\"]\noauth_endpoints = [\"/token\"]\n".into();
+    let proxy = Proxy::start(opts);
+    let post_token = || -> (u16, String) {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "30", "--cacert"])
+            .arg(dev_ca())
+            .args(["-o", "-", "-w", "\n%{http_code}"])
+            .args([
+                "-d",
+                "grant_type=urn:ietf:params:oauth:grant-type:device_code",
+                "-d",
+                "device_code=guessed-device-code",
+                "-d",
+                "client_id=mail-client",
+            ])
+            .arg(format!("https://localhost:{}/token", proxy.https))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    };
+    // A guessed device code, polled too fast: the provider answers `invalid_grant` or
+    // `slow_down`, both attack signals. The guard's default lets one address reach 5 failures on
+    // one name per 10 minutes: the sixth failure bans.
+    for i in 0..6 {
+        let (status, body) = post_token();
+        assert_eq!(status, 400, "attempt {i}: {body}");
+        assert!(
+            body.contains("invalid_grant") || body.contains("slow_down"),
+            "{body}"
+        );
+    }
+    assert!(!proxy.log().contains("denied by the guard"));
+    let (status, body) = post_token();
+    assert_eq!(
+        (status, body.as_str()),
+        (400, "{\"error\":\"invalid_grant\"}")
+    );
+    let log = proxy.log();
+    assert!(
+        log.contains("token endpoint request denied by the guard"),
+        "{log}"
+    );
+    // Other anonymous paths still pass: only the endpoint under attack is closed to the address.
+    let discovery = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "30",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+        ])
+        .arg(dev_ca())
+        .arg(format!(
+            "https://localhost:{}/.well-known/openid-configuration",
+            proxy.https
+        ))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&discovery.stdout).trim(), "200");
+}

@@ -86,6 +86,10 @@ pub struct HttpConfig {
     /// Idle backend connections kept per instance (plain backend without PROXY v2; otherwise
     /// backend connections belong to one client connection, which keeps up to 4 idle).
     pub backend_pool_idle: usize,
+    /// The authorization server's token endpoints (exact paths): `invalid_grant`,
+    /// `invalid_client` and `slow_down` answers to a `POST` there count as failed logins of the
+    /// client address, and an address the guard denies is answered `invalid_grant` locally.
+    pub oauth_endpoints: Vec<String>,
 }
 
 /// Longest positive auth cache allowed (DESIGN.md §4: TTL <= 60 s).
@@ -112,6 +116,7 @@ impl Default for HttpConfig {
             header_read_timeout: Duration::from_secs(10),
             backend_timeout: Duration::from_secs(60),
             backend_pool_idle: 32,
+            oauth_endpoints: vec!["/auth/token".into()],
         }
     }
 }
@@ -133,6 +138,14 @@ impl HttpConfig {
                 return Err(invalid(
                     format!("http.anonymous_paths[{i}]"),
                     "\"/*\" would make every path anonymous",
+                ));
+            }
+        }
+        for (i, p) in self.oauth_endpoints.iter().enumerate() {
+            if !p.starts_with('/') || !crate::proto::http::is_plain_path(p) {
+                return Err(invalid(
+                    format!("http.oauth_endpoints[{i}]"),
+                    "must be an absolute path without dot segments",
                 ));
             }
         }

@@ -214,6 +214,23 @@ fn count(headers: &HeaderMap, name: &HeaderName) -> usize {
 /// A pattern ending in `*` matches by prefix, any other exactly. A path with a dot segment, an
 /// empty segment or a percent-encoded `.`, `/` or `\` never matches: the backend normalizes such
 /// paths, and `/.well-known/../jmap/session` must not become anonymous.
+/// The OAuth error in an authorization server's answer that counts as an attack signal
+/// (DESIGN.md §2): a guessed or replayed grant (`invalid_grant`), a guessed client secret
+/// (`invalid_client`), or device-code polling that ignores `slow_down`. `authorization_pending`
+/// and other answers are a client doing its job. Only `400`/`401` JSON bodies are read.
+pub fn oauth_failure(status: u16, body: &[u8]) -> Option<&'static str> {
+    if !matches!(status, 400 | 401) {
+        return None;
+    }
+    let doc: serde_json::Value = serde_json::from_slice(body).ok()?;
+    match doc.get("error")?.as_str()? {
+        "invalid_grant" => Some("invalid_grant"),
+        "invalid_client" => Some("invalid_client"),
+        "slow_down" => Some("slow_down"),
+        _ => None,
+    }
+}
+
 pub fn is_anonymous(path: &str, patterns: &[String]) -> bool {
     if !is_plain_path(path) {
         return false;
@@ -631,6 +648,29 @@ mod tests {
             parse_authorization(&vec![b'a'; MAX_AUTHORIZATION_LEN + 1]).err(),
             Some(BasicError::TooLong)
         );
+    }
+
+    #[test]
+    fn oauth_endpoint_failures() {
+        assert_eq!(
+            oauth_failure(400, br#"{"error":"invalid_grant","error_description":"x"}"#),
+            Some("invalid_grant")
+        );
+        assert_eq!(
+            oauth_failure(401, br#"{"error":"invalid_client"}"#),
+            Some("invalid_client")
+        );
+        assert_eq!(
+            oauth_failure(400, br#"{"error":"slow_down"}"#),
+            Some("slow_down")
+        );
+        assert_eq!(
+            oauth_failure(400, br#"{"error":"authorization_pending"}"#),
+            None
+        );
+        assert_eq!(oauth_failure(200, br#"{"error":"invalid_grant"}"#), None);
+        assert_eq!(oauth_failure(400, b"<html>"), None);
+        assert_eq!(oauth_failure(400, br#"{"error":7}"#), None);
     }
 
     #[test]

@@ -301,6 +301,8 @@ async fn handle(state: &ConnState, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let is_login_form = req.method() == Method::POST && path == "/api/auth";
     let anonymous = proto::is_anonymous(&path, &shared.config.http.anonymous_paths);
+    let oauth_endpoint =
+        req.method() == Method::POST && shared.config.http.oauth_endpoints.contains(&path);
 
     let (mut parts, body) = req.into_parts();
     let (authn, req) = if is_login_form {
@@ -379,14 +381,97 @@ async fn handle(state: &ConnState, req: Request<Incoming>) -> Response<Body> {
             )
         }
     };
+    if oauth_endpoint {
+        if let Some(denied) = oauth_endpoint_denied(state).await {
+            return denied;
+        }
+    }
     let account_log = account.clone();
     match forward(state, req, account).await {
+        Ok(resp) if oauth_endpoint => watch_oauth_answer(state, resp).await,
         Ok(resp) => resp,
         Err(e) => {
             warn!(event = "http_backend", error = %e, account = %LogName(account_log.as_deref().unwrap_or("").as_bytes()), "backend request failed");
             local(StatusCode::BAD_GATEWAY, "backend unavailable\n")
         }
     }
+}
+
+/// Largest token-endpoint error answer read to classify it; larger ones pass unread.
+const MAX_OAUTH_ERROR_BODY: usize = 16 * 1024;
+
+/// The name the guard counts token-endpoint failures under: one per client address, so that the
+/// account windows act per address and a ban never locks other addresses out of the endpoint.
+fn oauth_endpoint_name(ip: IpAddr) -> String {
+    format!("oauth-endpoint-{}", ip.to_string().replace(':', "-"))
+}
+
+/// An address the guard denies gets the token endpoint's own refusal, after the uniform delay,
+/// without reaching the authorization server.
+async fn oauth_endpoint_denied(state: &ConnState) -> Option<Response<Body>> {
+    let shared = &state.shared;
+    let started = Instant::now();
+    let ip = state.ctx.client.ip();
+    let Decision::Deny { reason } = shared.guard.check(ip, &oauth_endpoint_name(ip)).await else {
+        return None;
+    };
+    info!(
+        event = "auth",
+        result = "denied",
+        mechanism = "oauth_endpoint",
+        reason = reason.label(),
+        "token endpoint request denied by the guard"
+    );
+    shared.metrics.auth("http", "oauth_endpoint", "denied");
+    tokio::time::sleep(shared.failure_delay().saturating_sub(started.elapsed())).await;
+    let mut r = local(StatusCode::BAD_REQUEST, "{\"error\":\"invalid_grant\"}");
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Some(r)
+}
+
+/// Reads a token endpoint's error answer (bounded) and feeds the attack signals in it to the
+/// guard; the answer goes to the client unchanged.
+async fn watch_oauth_answer(state: &ConnState, resp: Response<Body>) -> Response<Body> {
+    if !matches!(resp.status().as_u16(), 400 | 401) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let bytes = match Limited::new(body, MAX_OAUTH_ERROR_BODY).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => {
+            return local(StatusCode::BAD_GATEWAY, "backend answer unreadable\n");
+        }
+    };
+    if let Some(signal) = proto::oauth_failure(parts.status.as_u16(), &bytes) {
+        let shared = &state.shared;
+        let ip = state.ctx.client.ip();
+        // A fresh value per failure: each one counts (the repeat tolerance is for passwords).
+        let mut nonce = vec![0u8; 16];
+        rand::Rng::fill(&mut rand::rng(), &mut nonce[..]);
+        let outcome = shared
+            .guard
+            .failed(ip, &oauth_endpoint_name(ip), &Secret::new(nonce), "http")
+            .await;
+        shared
+            .metrics
+            .guard_bans_started
+            .inc_by(outcome.bans.len() as u64);
+        shared.metrics.auth("http", "oauth_endpoint", "reject");
+        info!(
+            event = "auth",
+            result = "reject",
+            mechanism = "oauth_endpoint",
+            reason = signal,
+            "token endpoint refused the client"
+        );
+    }
+    Response::from_parts(
+        parts,
+        Full::new(bytes).map_err(|never| match never {}).boxed(),
+    )
 }
 
 /// Reads and checks Stalwart's JSON login form (`POST /api/auth`, bounded) and authenticates
