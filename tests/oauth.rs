@@ -328,3 +328,64 @@ fn token_endpoint_failures_feed_the_guard() {
         .expect("curl");
     assert_eq!(String::from_utf8_lossy(&discovery.stdout).trim(), "200");
 }
+
+#[test]
+fn pop3_and_managesieve_take_tokens_too() {
+    let idp = OidcProvider::start();
+    let dovecot = Dovecot::start();
+    let mut opts = options(&dovecot, &userinfo(&idp));
+    opts.backend_pop3_port = dovecot.pop3_port();
+    opts.backend_sieve_port = dovecot.sieve_port();
+    let proxy = Proxy::start(opts);
+    let tokens = idp.device_flow(ALICE, "pw", None);
+
+    let run = Client::pop3(proxy.pop3s)
+        .tls("implicit", &dev_ca())
+        .mode("xoauth2")
+        .login(ALICE, &tokens.access_token)
+        .run();
+    assert_ok(&run, &proxy);
+    assert!(
+        run.list("capabilities").iter().any(|c| c == "SASL"),
+        "{run:#?}"
+    );
+    let run = Client::sieve(proxy.sieve)
+        .tls("starttls", &dev_ca())
+        .mode("oauthbearer")
+        .login(ALICE, &tokens.access_token)
+        .actions(&["listscripts"])
+        .run();
+    assert_ok(&run, &proxy);
+    assert!(dovecot.saw_master_login(ALICE));
+    let services: Vec<String> = dovecot
+        .logins()
+        .into_iter()
+        .filter(|r| r.user == ALICE && r.master_user().is_some())
+        .map(|r| r.service)
+        .collect();
+    assert!(services.iter().any(|s| s == "pop3"), "{services:?}");
+    assert!(services.iter().any(|s| s == "managesieve"), "{services:?}");
+
+    // Alice's token under Bob's name: the error challenge, then the failure, in both protocols.
+    let run = Client::pop3(proxy.pop3s)
+        .tls("implicit", &dev_ca())
+        .mode("oauthbearer")
+        .login(BOB, &tokens.access_token)
+        .run();
+    assert!(!run.ok(), "{run:#?}");
+    assert!(run
+        .field("oauth_error")
+        .unwrap_or_default()
+        .contains("invalid_token"));
+    let run = Client::sieve(proxy.sieve)
+        .tls("starttls", &dev_ca())
+        .mode("xoauth2")
+        .login(BOB, &tokens.access_token)
+        .run();
+    assert!(!run.ok(), "{run:#?}");
+    assert!(run
+        .field("oauth_error")
+        .unwrap_or_default()
+        .contains("invalid_token"));
+    assert_eq!(dovecot.master_logins(BOB), 0);
+}

@@ -6,6 +6,7 @@ response), none. Actions: capa, stat, list, uidl, retr[:n] (into "fetched"),
 noop, quit, raw:<command line>. Output and exit code as in imap_client.py.
 """
 
+import base64
 import poplib
 
 import clientlib
@@ -28,6 +29,13 @@ def main(args, result):
         response = p.pass_(args.password)
     elif args.mode == "authenticate-plain":
         response = p._shortcmd("AUTH PLAIN " + clientlib.plain_b64(args))
+    elif args.mode in ("xoauth2", "oauthbearer"):
+        payload = base64.b64encode(clientlib.token_payload(args)).decode()
+        response = p._shortcmd("AUTH %s %s" % (args.mode.upper(), payload))
+        if response.startswith(b"+ "):
+            # The RFC 7628 error challenge of a refused token, answered with ^A.
+            result["oauth_error"] = clientlib.text(base64.b64decode(response[2:]))
+            response = p._shortcmd("AQ==")
     else:
         response = None
     if response is not None:
@@ -66,5 +74,5 @@ def main(args, result):
 
 if __name__ == "__main__":
     parser = clientlib.base_parser(
-        "POP3 test client", "user-pass", ["user-pass", "authenticate-plain", "none"])
+        "POP3 test client", "user-pass", ["user-pass", "authenticate-plain", "xoauth2", "oauthbearer", "none"])
     clientlib.run(main, parser)

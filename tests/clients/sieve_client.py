@@ -9,6 +9,7 @@ noop, logout, raw:<command line>. Output and exit code as in imap_client.py.
 """
 
 import re
+import base64
 import socket
 
 import clientlib
@@ -97,6 +98,21 @@ def main(args, result):
         result["login_response"] = final
         result.step(args.mode, True, final)
 
+    elif args.mode in ("xoauth2", "oauthbearer"):
+        payload = base64.b64encode(clientlib.token_payload(args)).decode()
+        c.send('AUTHENTICATE %s %s' % (quoted(args.mode.upper()), quoted(payload)))
+        line = c.f.readline().strip()
+        if line.startswith(b'"'):
+            # The RFC 7628 error challenge of a refused token, answered with ^A.
+            result["oauth_error"] = clientlib.text(base64.b64decode(line.strip(b'"')))
+            final, _ = c.command(quoted("AQ=="), "AUTHENTICATE")
+        elif line.startswith(b"OK"):
+            final = clientlib.text(line)
+        else:
+            raise SieveError("AUTHENTICATE failed: %s" % clientlib.text(line))
+        result["login_response"] = final
+        result.step(args.mode, True, final)
+
     script = args.script or DEFAULT_SCRIPT
     for action in args.actions:
         name, _, arg = action.partition(":")
@@ -138,6 +154,6 @@ def main(args, result):
 if __name__ == "__main__":
     parser = clientlib.base_parser(
         "ManageSieve test client", "authenticate-plain",
-        ["authenticate-plain", "authenticate-plain-cont", "none"])
+        ["authenticate-plain", "authenticate-plain-cont", "xoauth2", "oauthbearer", "none"])
     parser.add_argument("--script", help="script text for putscript")
     clientlib.run(main, parser)
