@@ -308,3 +308,53 @@ fn an_account_under_attack_stays_open_to_its_known_address() {
     // ...but her known address still gets in.
     assert!(from([127, 0, 0, 1], RIGHT).starts_with("a OK"));
 }
+
+#[test]
+fn the_session_cap_spans_mail_and_http() {
+    let dovecot = Dovecot::start();
+    let secret = dovecot.master_secret().to_owned();
+    let backend = common::httpbackend::HttpBackend::start(
+        vec![format!("alice@example.org%proxy@example.org:{secret}")],
+        false,
+    );
+    let mut opts = ProxyOptions::file_users(dovecot.imap_port(), &secret);
+    opts.backend_http_port = backend.port();
+    opts.guard = "account_sessions = 1\n".into();
+    let proxy = Proxy::start(opts);
+    let dav = || -> String {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "30",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .args(["-u", "alice:alice-password"])
+            .arg(format!("http://127.0.0.1:{}/dav/", proxy.http))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(dav(), "200");
+    // An IMAP session holds Alice's only slot: her HTTP requests wait their turn.
+    let mut imap = Raw::plain(proxy.imap_plain);
+    imap.line();
+    imap.send(RIGHT.as_bytes());
+    assert!(imap.until("a ").pop().unwrap().starts_with("a OK"));
+    assert_eq!(dav(), "429");
+    assert_eq!(
+        backend.seen().len(),
+        1,
+        "the refused request was not forwarded"
+    );
+    imap.send(b"b LOGOUT\r\n");
+    imap.until("b ");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dav() != "200" {
+        assert!(Instant::now() < deadline, "the slot was not given back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

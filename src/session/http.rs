@@ -390,6 +390,17 @@ async fn handle(state: &ConnState, req: Request<Incoming>) -> Response<Body> {
     match forward(state, req, account).await {
         Ok(resp) if oauth_endpoint => watch_oauth_answer(state, resp).await,
         Ok(resp) => resp,
+        Err(ForwardError::SessionCap) => {
+            warn!(event = "auth", result = "session_cap", account = %LogName(account_log.as_deref().unwrap_or("").as_bytes()), "too many concurrent requests for this account");
+            shared.metrics.auth("http", "basic", "session_cap");
+            let mut r = local(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many concurrent sessions for this account\n",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            r
+        }
         Err(e) => {
             warn!(event = "http_backend", error = %e, account = %LogName(account_log.as_deref().unwrap_or("").as_bytes()), "backend request failed");
             local(StatusCode::BAD_GATEWAY, "backend unavailable\n")
@@ -723,6 +734,8 @@ enum ForwardError {
     NoBackend,
     #[error("bad request target")]
     Target,
+    #[error("too many concurrent requests for this account")]
+    SessionCap,
 }
 
 async fn forward(
@@ -736,6 +749,13 @@ async fn forward(
         .backend
         .service(Protocol::Http)
         .ok_or(ForwardError::NoBackend)?;
+    // A request in flight (or an upgraded WebSocket) holds one of the account's session slots,
+    // shared with its mail sessions: `guard.account_sessions` bounds what one stolen password
+    // can open at once, whatever the protocol.
+    let permit = match &account {
+        Some(a) => Some(shared.guard.session(a).ok_or(ForwardError::SessionCap)?),
+        None => None,
+    };
     let websocket = is_websocket(&req);
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -831,6 +851,7 @@ async fn forward(
             let backend_upgrade = hyper::upgrade::on(&mut resp);
             let hard_stop = shared.hard_stop.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let (Ok(c), Ok(b)) = (client_upgrade.await, backend_upgrade.await) else {
                     return;
                 };
