@@ -4,7 +4,7 @@
 //! What must hold: users' own passwords work; the backend only ever sees the master form for
 //! the canonical account; requests without valid credentials are answered 401 and never
 //! forwarded; framing ambiguity is refused and the connection closed; keep-alive never carries an
-//! identity.
+//! identity; HTTP/2 announces its stream and header limits and refuses streams beyond them.
 
 mod common;
 
@@ -884,4 +884,170 @@ print(sorted(e.icalendar_component["summary"] for e in events))
     );
     assert!(stdout.starts_with("2\n"), "{stdout}");
     assert!(stdout.contains("From python caldav"), "{stdout}");
+}
+
+/// One HTTP/2 frame (RFC 9113 §4.1).
+#[derive(Debug)]
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+const H2_DATA: u8 = 0x0;
+const H2_HEADERS: u8 = 0x1;
+const H2_RST_STREAM: u8 = 0x3;
+const H2_SETTINGS: u8 = 0x4;
+const H2_PING: u8 = 0x6;
+const H2_GOAWAY: u8 = 0x7;
+const H2_END_STREAM: u8 = 0x1;
+const H2_ACK: u8 = 0x1;
+const H2_END_HEADERS: u8 = 0x4;
+const H2_REFUSED_STREAM: u32 = 0x7;
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn read_h2_frame(s: &mut impl Read) -> Frame {
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head)
+        .expect("an HTTP/2 frame within the read timeout");
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).expect("the frame's payload");
+    Frame {
+        kind: head[3],
+        flags: head[4],
+        stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
+        payload,
+    }
+}
+
+/// A POST to the login form, HPACK-encoded from the static table and literals only (no dynamic
+/// table, no Huffman), headers complete but the body still to come.
+fn h2_login_form_headers(stream: u32) -> Vec<u8> {
+    let mut block = vec![0x83, 0x87]; // :method POST, :scheme https
+    block.extend_from_slice(&[0x04, 9]); // :path, literal without indexing
+    block.extend_from_slice(b"/api/auth");
+    block.extend_from_slice(&[0x01, 9]); // :authority, literal without indexing
+    block.extend_from_slice(b"localhost");
+    h2_frame(H2_HEADERS, H2_END_HEADERS, stream, &block)
+}
+
+/// The HTTP/2 limits of SECURITY.md as the server announces and enforces them: at most 100
+/// concurrent streams and a 16 KiB header list (src/session/http.rs `MAX_STREAMS`, `MAX_HEAD`).
+///
+/// The streams are login-form POSTs whose bodies have not been sent yet: the proxy must read the
+/// body before it can answer, so the first 100 streams are certainly still open when the 101st
+/// arrives, whatever the scheduling. That one must be refused (RST_STREAM REFUSED_STREAM) while
+/// the connection and the other 100 carry on, each answered exactly once.
+#[test]
+fn http2_announces_and_enforces_the_stream_and_header_limits() {
+    let backend = backend(false);
+    let proxy = start(&backend);
+    let tcp = TcpStream::connect(("127.0.0.1", proxy.https)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = common::proxy::tls_over(tcp, &["h2"]).unwrap();
+    assert_eq!(s.conn.alpn_protocol(), Some(&b"h2"[..]));
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    s.write_all(&h2_frame(H2_SETTINGS, 0, 0, &[])).unwrap();
+    s.flush().unwrap();
+
+    // The server's connection preface is its SETTINGS frame (RFC 9113 §3.4).
+    let settings = read_h2_frame(&mut s);
+    assert_eq!(
+        (settings.kind, settings.flags & H2_ACK, settings.stream),
+        (H2_SETTINGS, 0, 0),
+        "{settings:?}"
+    );
+    let announced: std::collections::HashMap<u16, u32> = settings
+        .payload
+        .chunks_exact(6)
+        .map(|c| {
+            (
+                u16::from_be_bytes([c[0], c[1]]),
+                u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+            )
+        })
+        .collect();
+    assert_eq!(announced.get(&0x3), Some(&100), "{announced:?}");
+    assert_eq!(announced.get(&0x6), Some(&(16 * 1024)), "{announced:?}");
+    s.write_all(&h2_frame(H2_SETTINGS, H2_ACK, 0, &[])).unwrap();
+
+    // 101 streams at once, in one write.
+    let streams: Vec<u32> = (0..101).map(|i| 1 + 2 * i).collect();
+    let burst: Vec<u8> = streams
+        .iter()
+        .flat_map(|&id| h2_login_form_headers(id))
+        .collect();
+    s.write_all(&burst).unwrap();
+    s.flush().unwrap();
+    let (open, excess) = streams.split_at(100);
+    let excess = excess[0];
+    loop {
+        let f = read_h2_frame(&mut s);
+        assert!(f.kind != H2_GOAWAY, "{f:?}\n{}", proxy.log());
+        // Nothing can be answered before its body arrives.
+        assert!(
+            f.kind != H2_HEADERS && (f.kind != H2_RST_STREAM || f.stream == excess),
+            "{f:?}"
+        );
+        if f.kind == H2_RST_STREAM {
+            assert_eq!(f.payload, H2_REFUSED_STREAM.to_be_bytes(), "{f:?}");
+            break;
+        }
+    }
+
+    // The 100 admitted streams get their bodies (not JSON: 400 from the proxy, no backend).
+    let bodies: Vec<u8> = open
+        .iter()
+        .flat_map(|&id| h2_frame(H2_DATA, H2_END_STREAM, id, b"x"))
+        .collect();
+    s.write_all(&bodies).unwrap();
+    s.flush().unwrap();
+    let mut answers = std::collections::HashMap::<u32, usize>::new();
+    let mut ended = std::collections::HashSet::<u32>::new();
+    while ended.len() < open.len() {
+        let f = read_h2_frame(&mut s);
+        assert!(f.kind != H2_GOAWAY && f.kind != H2_RST_STREAM, "{f:?}");
+        if f.kind == H2_HEADERS {
+            assert!(open.contains(&f.stream), "{f:?}");
+            *answers.entry(f.stream).or_default() += 1;
+            // :status 400 is static-table entry 12, sent as the indexed field 0x8c.
+            assert_eq!(f.payload.first(), Some(&0x8c), "{f:?}");
+        }
+        if (f.kind == H2_HEADERS || f.kind == H2_DATA) && f.flags & H2_END_STREAM != 0 {
+            assert!(ended.insert(f.stream), "{f:?}");
+        }
+    }
+    assert_eq!(answers.len(), 100);
+    assert!(answers.values().all(|&n| n == 1), "{answers:?}");
+    assert!(backend.seen().is_empty());
+
+    // The connection is still good: a PING is answered, and with the streams closed a new one
+    // is admitted again.
+    s.write_all(&h2_frame(H2_PING, 0, 0, b"portcull")).unwrap();
+    s.write_all(&h2_login_form_headers(203)).unwrap();
+    s.write_all(&h2_frame(H2_DATA, H2_END_STREAM, 203, b"x"))
+        .unwrap();
+    s.flush().unwrap();
+    let (mut pong, mut answered) = (false, false);
+    while !(pong && answered) {
+        let f = read_h2_frame(&mut s);
+        assert!(f.kind != H2_GOAWAY && f.kind != H2_RST_STREAM, "{f:?}");
+        if f.kind == H2_PING && f.flags & H2_ACK != 0 {
+            assert_eq!(f.payload, b"portcull");
+            pong = true;
+        }
+        if f.kind == H2_HEADERS {
+            assert_eq!(f.stream, 203, "{f:?}");
+            answered = true;
+        }
+    }
 }

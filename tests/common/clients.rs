@@ -27,6 +27,7 @@ pub enum Protocol {
     Pop3,
     Smtp,
     Sieve,
+    Jmap,
 }
 
 impl Protocol {
@@ -36,6 +37,7 @@ impl Protocol {
             Protocol::Pop3 => "pop3_client.py",
             Protocol::Smtp => "smtp_client.py",
             Protocol::Sieve => "sieve_client.py",
+            Protocol::Jmap => "jmap_client.py",
         }
     }
 }
@@ -46,6 +48,8 @@ pub struct Client {
     protocol: Protocol,
     args: Vec<String>,
     password: Option<String>,
+    /// Extra environment (e.g. a second password), kept out of argv.
+    env: Vec<(String, String)>,
     actions: Vec<String>,
 }
 
@@ -56,6 +60,7 @@ impl Client {
             protocol,
             args: vec!["--port".into(), port.to_string()],
             password: None,
+            env: Vec::new(),
             actions: Vec::new(),
         }
     }
@@ -74,6 +79,13 @@ impl Client {
 
     pub fn sieve(port: u16) -> Client {
         Client::new(Protocol::Sieve, port)
+    }
+
+    /// jmapc against `https://localhost:<port>` (give the CA with [`Client::tls`]).
+    pub fn jmap(port: u16) -> Client {
+        Client::new(Protocol::Jmap, port)
+            .arg("--host")
+            .arg("localhost")
     }
 
     /// Login name and password.
@@ -107,6 +119,12 @@ impl Client {
         self
     }
 
+    /// An environment variable for the script, e.g. a second secret it reads by name.
+    pub fn env(mut self, name: &str, value: &str) -> Client {
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
     /// Actions run after login, in order.
     pub fn actions(mut self, actions: &[&str]) -> Client {
         self.actions.extend(actions.iter().map(|a| a.to_string()));
@@ -120,6 +138,7 @@ impl Client {
         // No __pycache__ next to the scripts in the source tree.
         cmd.env("PYTHONDONTWRITEBYTECODE", "1");
         cmd.arg(&script).args(&self.args);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(password) = &self.password {
             cmd.args(["--password-env", PASSWORD_ENV]);
             cmd.env(PASSWORD_ENV, password);

@@ -4,6 +4,7 @@
 //! - [`smtpsink`]: the SMTP server Dovecot's submission relays to.
 //! - [`authhttp`]: an nginx-style `auth_http` authenticator with failure modes.
 //! - [`clients`]: runs the Python protocol clients in `tests/clients/`.
+//! - [`jmapbackend`]: a small JMAP server that only knows the master logins.
 //! - [`oidc`]: a private OpenID provider (node-oidc-provider) issuing real OAuth tokens.
 //! - [`redis`]: a private redis-server for the guard's shared store.
 //! - [`ports`]: loopback port helpers.
@@ -32,6 +33,7 @@ pub mod clients;
 pub mod dnsmasq;
 pub mod dovecot;
 pub mod httpbackend;
+pub mod jmapbackend;
 pub mod oidc;
 pub mod ports;
 pub mod proxy;
