@@ -263,7 +263,8 @@ fn token_endpoint_failures_feed_the_guard() {
     let idp = OidcProvider::start();
     let mut opts = ProxyOptions::file_users(free_port(), "http-master-secret");
     opts.backend_http_port = idp.port();
-    opts.extra = "[http]\nanonymous_paths = [\"/.well-known/*\", \"/token\"]\noauth_endpoints = [\"/token\"]\n".into();
+    // One window, long enough that no bucket boundary falls inside the test.
+    opts.extra = "[http]\nanonymous_paths = [\"/.well-known/*\", \"/token\"]\noauth_endpoints = [\"/token\"]\n\n[[guard.window]]\nkey = \"ip_account\"\nperiod = \"1d\"\nmax = 5\n".into();
     let proxy = Proxy::start(opts);
     let post_token = || -> (u16, String) {
         let out = Command::new("curl")
@@ -286,8 +287,8 @@ fn token_endpoint_failures_feed_the_guard() {
         (code.trim().parse().unwrap_or(0), body.to_owned())
     };
     // A guessed device code, polled too fast: the provider answers `invalid_grant` or
-    // `slow_down`, both attack signals. The guard's default lets one address reach 5 failures on
-    // one name per 10 minutes: the sixth failure bans.
+    // `slow_down`, both attack signals. One address may reach 5 failures on one name: the sixth
+    // bans.
     for i in 0..6 {
         let (status, body) = post_token();
         assert_eq!(status, 400, "attempt {i}: {body}");
@@ -300,7 +301,9 @@ fn token_endpoint_failures_feed_the_guard() {
     let (status, body) = post_token();
     assert_eq!(
         (status, body.as_str()),
-        (400, "{\"error\":\"invalid_grant\"}")
+        (400, "{\"error\":\"invalid_grant\"}"),
+        "{}",
+        proxy.log()
     );
     let log = proxy.log();
     assert!(
