@@ -16,17 +16,20 @@ use tokio_util::sync::CancellationToken;
 use crate::proto::imap::framer::{ClientOutput, CommandFramer, ResponseFramer};
 use crate::stream::Conn;
 
-/// Smallest read buffer per direction: what an idle session holds.
-const BUF_MIN: usize = 2 * 1024;
-/// Largest read buffer per direction: a full TLS record, for bulk transfers.
-const BUF_MAX: usize = 16 * 1024;
+/// Smallest read buffer per direction: what an idle session holds. IMAP IDLE updates and
+/// interactive answers fit; anything bigger grows the buffer within a few reads.
+const BUF_MIN: usize = 512;
+/// Largest read buffer per direction, for bulk transfers. A plain socket fills it in one read
+/// (fewer, larger reads and writes for a mailbox download); over TLS a read returns about one
+/// 16 KiB record, so TLS sessions settle at 16–32 KiB.
+const BUF_MAX: usize = 64 * 1024;
 
 /// How long the backend may keep answering after the client closed its sending side.
 const DRAIN: Duration = Duration::from_secs(5);
 
 /// A read buffer that grows while reads fill it (a download) and shrinks back after a few
 /// small reads (an idle or interactive session), so thousands of idle IMAP IDLE sessions do
-/// not each pin 32 KiB.
+/// not each pin 128 KiB.
 #[derive(Debug)]
 struct AdaptiveBuf {
     buf: Vec<u8>,
@@ -313,7 +316,7 @@ mod tests {
     fn buffers_grow_for_bulk_and_shrink_when_idle() {
         let mut b = AdaptiveBuf::new();
         assert_eq!(b.space().len(), BUF_MIN);
-        for _ in 0..5 {
+        while b.space().len() < BUF_MAX {
             let n = b.space().len();
             b.filled(n);
         }
@@ -324,7 +327,10 @@ mod tests {
         assert_eq!(b.space().len(), BUF_MAX, "three small reads keep the size");
         b.filled(10);
         assert_eq!(b.space().len(), BUF_MAX / 2);
-        for _ in 0..12 {
+        // Four small reads per halving, down to the floor.
+        let halvings = (BUF_MAX / 2 / BUF_MIN).trailing_zeros() as usize;
+        for _ in 0..4 * halvings {
+            assert!(!b.is_small());
             b.filled(10);
         }
         assert!(b.is_small());

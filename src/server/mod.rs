@@ -372,7 +372,11 @@ async fn accept_loop(
             }
             let (conn, tls) = match (ctx.tls, &ctx.acceptor) {
                 (ListenerTls::Implicit, Some(acceptor)) => {
-                    match tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await {
+                    // Boxed here and below: a spawned task keeps the size of its largest state
+                    // for its whole life, so the handshake and every other protocol's session
+                    // would otherwise be paid by each idle connection.
+                    let accept = Box::pin(acceptor.accept(tcp));
+                    match tokio::time::timeout(ctx.handshake_timeout, accept).await {
                         Ok(Ok(stream)) => {
                             let info = crate::tls::tls_info(stream.get_ref().1);
                             (Conn::Server(Box::new(stream)), Some(info))
@@ -393,15 +397,21 @@ async fn accept_loop(
             };
             // Configuration validation admits only implemented protocols.
             match ctx.protocol {
-                Protocol::Imap => crate::session::imap::run(shared, ctx, conn_ctx, conn, tls).await,
-                Protocol::Pop3 => crate::session::pop3::run(shared, ctx, conn_ctx, conn, tls).await,
+                Protocol::Imap => {
+                    Box::pin(crate::session::imap::run(shared, ctx, conn_ctx, conn, tls)).await;
+                }
+                Protocol::Pop3 => {
+                    Box::pin(crate::session::pop3::run(shared, ctx, conn_ctx, conn, tls)).await;
+                }
                 Protocol::Submission => {
-                    crate::session::smtp::run(shared, ctx, conn_ctx, conn, tls).await;
+                    Box::pin(crate::session::smtp::run(shared, ctx, conn_ctx, conn, tls)).await;
                 }
                 Protocol::ManageSieve => {
-                    crate::session::sieve::run(shared, ctx, conn_ctx, conn, tls).await;
+                    Box::pin(crate::session::sieve::run(shared, ctx, conn_ctx, conn, tls)).await;
                 }
-                Protocol::Http => crate::session::http::run(shared, ctx, conn_ctx, conn, tls).await,
+                Protocol::Http => {
+                    Box::pin(crate::session::http::run(shared, ctx, conn_ctx, conn, tls)).await;
+                }
             }
         });
     }

@@ -56,9 +56,66 @@ pub async fn run<M, BM, B, U, D, F>(
     F: FnOnce() -> (U, D),
 {
     let span = tracing::info_span!("session", proto = plug.protocol.label(), peer = %ctx.client, session = %ctx.session_id);
-    drive(shared, listener, ctx, conn, tls, plug)
-        .instrument(span)
+    // Two boxed phases, so that a logged-in session holds only the splice's state: the task
+    // keeps its largest state for its whole life, and the pre-login phase is the larger one.
+    let logged_in = Box::pin(drive(shared.clone(), listener, ctx, conn, tls, plug))
+        .instrument(span.clone())
         .await;
+    if let Some(session) = logged_in {
+        Box::pin(splice(shared, session)).instrument(span).await;
+    }
+}
+
+/// A logged-in session, handed from the pre-login phase to the splice.
+struct LoggedIn<F> {
+    protocol: Protocol,
+    account: String,
+    client: Conn,
+    backend: Conn,
+    /// Client bytes pipelined behind the login, for the backend.
+    client_first: Vec<u8>,
+    /// Backend bytes read past its login reply, for the client.
+    backend_first: Vec<u8>,
+    filters: F,
+    /// The account's session slot, held for the life of the session.
+    _slot: crate::guard::SessionPermit,
+}
+
+async fn splice<U, D, F>(shared: SharedRef, s: LoggedIn<F>)
+where
+    U: Upstream,
+    D: Downstream,
+    F: FnOnce() -> (U, D),
+{
+    let protocol = s.protocol;
+    let labels = ProtoLabels {
+        protocol: protocol.label(),
+    };
+    let _spliced = GaugeGuard::new(&shared.metrics.sessions_spliced.get_or_create(&labels));
+    let stats = crate::splice::run(
+        (s.filters)(),
+        s.client,
+        s.backend,
+        s.client_first,
+        s.backend_first,
+        shared.config.limits.session_idle,
+        shared.hard_stop.clone(),
+    )
+    .await;
+    for (direction, n) in [
+        ("to_backend", stats.to_backend),
+        ("to_client", stats.to_client),
+    ] {
+        shared
+            .metrics
+            .bytes
+            .get_or_create(&BytesLabels {
+                protocol: protocol.label(),
+                direction,
+            })
+            .inc_by(n);
+    }
+    info!(event = "session_end", account = %LogName(s.account.as_bytes()), to_backend = stats.to_backend, to_client = stats.to_client, end = ?stats.end, "session ended");
 }
 
 async fn drive<M, BM, B, U, D, F>(
@@ -68,7 +125,8 @@ async fn drive<M, BM, B, U, D, F>(
     mut conn: Conn,
     mut tls: Option<TlsInfo>,
     plug: Plug<M, B, F>,
-) where
+) -> Option<LoggedIn<F>>
+where
     M: PreLogin,
     BM: BackendMachine,
     B: Fn(&Connector, &str, BackendService) -> BM,
@@ -79,10 +137,12 @@ async fn drive<M, BM, B, U, D, F>(
     let l = &shared.config.limits;
     let Plug {
         protocol,
-        mut machine,
+        machine,
         backend: make_backend,
         filters,
     } = plug;
+    // On the heap, and given back at login: the task keeps only what the splice needs.
+    let mut machine = Box::new(machine);
     machine.greet();
     let deadline = ctx.accepted + l.preauth_deadline;
     let ip = ctx.client.ip();
@@ -121,10 +181,13 @@ async fn drive<M, BM, B, U, D, F>(
             }
             Event::StartTls => {
                 let (Conn::Plain(tcp), Some(acceptor)) = (conn, listener.acceptor.clone()) else {
-                    return;
+                    return None;
                 };
-                let handshake =
-                    tokio::time::timeout(listener.handshake_timeout, acceptor.accept(tcp)).await;
+                let handshake = tokio::time::timeout(
+                    listener.handshake_timeout,
+                    Box::pin(acceptor.accept(tcp)),
+                )
+                .await;
                 match handshake {
                     Ok(Ok(stream)) => {
                         tls = Some(crate::tls::tls_info(stream.get_ref().1));
@@ -133,7 +196,7 @@ async fn drive<M, BM, B, U, D, F>(
                     }
                     _ => {
                         info!(event = "tls_failed", "STARTTLS handshake failed");
-                        return;
+                        return None;
                     }
                 }
             }
@@ -148,10 +211,13 @@ async fn drive<M, BM, B, U, D, F>(
                         info!(event = "auth", result = "refused", user = %shown, reason = ?refusal, attempt, "login refused before authentication");
                         shared.metrics.auth(protocol.label(), "none", "refused");
                         // A refused name is an attempt like any other for the address's windows.
-                        let outcome = shared
-                            .guard
-                            .failed(ip, &shown, &Secret::new(Vec::new()), protocol.label())
-                            .await;
+                        let outcome = Box::pin(shared.guard.failed(
+                            ip,
+                            &shown,
+                            &Secret::new(Vec::new()),
+                            protocol.label(),
+                        ))
+                        .await;
                         count_bans(&shared, &outcome);
                         tokio::time::sleep(
                             shared.failure_delay().saturating_sub(started.elapsed()),
@@ -167,7 +233,7 @@ async fn drive<M, BM, B, U, D, F>(
                     Ok(c) => c,
                 };
                 let decided = Instant::now();
-                let decision = shared.guard.check(ip, &credentials.username).await;
+                let decision = Box::pin(shared.guard.check(ip, &credentials.username)).await;
                 shared
                     .metrics
                     .guard_latency
@@ -215,12 +281,15 @@ async fn drive<M, BM, B, U, D, F>(
                     session_id: ctx.session_id.clone(),
                     client_id: machine.client_id().map(str::to_owned),
                 };
-                let verdict = shared.authn.verify(&request).await;
+                let verdict = Box::pin(shared.authn.verify(&request)).await;
                 if matches!(verdict, Verdict::Reject { .. }) {
-                    let outcome = shared
-                        .guard
-                        .failed(ip, &request.username, &request.secret, protocol.label())
-                        .await;
+                    let outcome = Box::pin(shared.guard.failed(
+                        ip,
+                        &request.username,
+                        &request.secret,
+                        protocol.label(),
+                    ))
+                    .await;
                     count_bans(&shared, &outcome);
                 }
                 let username = std::mem::take(&mut request.username);
@@ -230,13 +299,13 @@ async fn drive<M, BM, B, U, D, F>(
                 drop(request);
                 let failure = match verdict {
                     Verdict::Accept { account } => {
-                        shared.guard.succeeded(ip, &account).await;
+                        Box::pin(shared.guard.succeeded(ip, &account)).await;
                         if !username.eq_ignore_ascii_case(&account) {
                             // Failures were counted under the name as typed ("alice"): the
                             // success must clear and vouch for that key too.
-                            shared.guard.succeeded(ip, &username).await;
+                            Box::pin(shared.guard.succeeded(ip, &username)).await;
                         }
-                        let Some(_session) = shared.guard.session(&account) else {
+                        let Some(session) = shared.guard.session(&account) else {
                             warn!(event = "auth", result = "session_cap", %user, account = %LogName(account.as_bytes()), "too many sessions for this account");
                             shared
                                 .metrics
@@ -254,55 +323,34 @@ async fn drive<M, BM, B, U, D, F>(
                             local: ctx.local,
                             tls_version: tls.as_ref().map(|t| t.version.clone()),
                         };
-                        let Some(service) = shared.config.backend.service(protocol) else {
-                            return;
-                        };
+                        let service = shared.config.backend.service(protocol)?;
                         let login = make_backend(&shared.backend, &account, service);
-                        match shared.backend.login(service, &facts, login).await {
+                        match Box::pin(shared.backend.login(service, &facts, login)).await {
                             Ok(backend) => {
                                 machine.login_succeeded(&backend.capabilities);
                                 if send(&mut conn, &machine.take_output()).await.is_err() {
-                                    return;
+                                    return None;
                                 }
                                 shared.metrics.auth(protocol.label(), mechanism, "accept");
                                 observe_latency(&shared, protocol, started);
                                 info!(event = "auth", result = "accept", %user, account = %LogName(account.as_bytes()), mechanism, attempt, authenticator, latency_ms = started.elapsed().as_millis() as u64, "login accepted");
                                 let goodbye = machine.pipelined_goodbye();
-                                let Some(leftover) = machine.take_leftover() else {
+                                // The pre-login read buffer is not needed any more.
+                                drop(std::mem::take(&mut buf));
+                                let Some(leftover) = (*machine).take_leftover() else {
                                     let _ = send(&mut conn, goodbye).await;
-                                    return;
+                                    return None;
                                 };
-                                let labels = ProtoLabels {
-                                    protocol: protocol.label(),
-                                };
-                                let _spliced = GaugeGuard::new(
-                                    &shared.metrics.sessions_spliced.get_or_create(&labels),
-                                );
-                                let stats = crate::splice::run(
-                                    filters(),
-                                    conn,
-                                    backend.conn,
-                                    leftover,
-                                    backend.leftover,
-                                    shared.config.limits.session_idle,
-                                    shared.hard_stop.clone(),
-                                )
-                                .await;
-                                for (direction, n) in [
-                                    ("to_backend", stats.to_backend),
-                                    ("to_client", stats.to_client),
-                                ] {
-                                    shared
-                                        .metrics
-                                        .bytes
-                                        .get_or_create(&BytesLabels {
-                                            protocol: protocol.label(),
-                                            direction,
-                                        })
-                                        .inc_by(n);
-                                }
-                                info!(event = "session_end", account = %LogName(account.as_bytes()), to_backend = stats.to_backend, to_client = stats.to_client, end = ?stats.end, "session ended");
-                                return;
+                                return Some(LoggedIn {
+                                    protocol,
+                                    account,
+                                    client: conn,
+                                    backend: backend.conn,
+                                    client_first: leftover,
+                                    backend_first: backend.leftover,
+                                    filters,
+                                    _slot: session,
+                                });
                             }
                             Err(e) => {
                                 warn!(event = "auth", result = "backend_failed", %user, error = %e, attempt, "backend master login failed");
@@ -336,6 +384,7 @@ async fn drive<M, BM, B, U, D, F>(
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.shutdown()).await;
     info!(event = "session_end", before_login = true, exit = ?exit, "session ended before login");
+    None
 }
 
 fn observe_latency(shared: &SharedRef, protocol: Protocol, started: Instant) {
