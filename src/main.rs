@@ -99,9 +99,11 @@ fn check_config(path: PathBuf) -> anyhow::Result<()> {
 fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     init_logging(&config);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.server.worker_threads > 0 {
+        builder.worker_threads(config.server.worker_threads);
+    }
+    let runtime = builder.enable_all().build()?;
     runtime.block_on(async move {
         let server = Server::bind(config).await?;
         let shutdown = server.shutdown_token();

@@ -180,6 +180,10 @@ pub struct ServerConfig {
     /// How long SIGTERM waits for spliced sessions before closing them.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Runtime worker threads; 0 = one per core. Fewer threads than cores cost less CPU per
+    /// login where the proxy shares a small machine with the backend (fewer cross-thread
+    /// wake-ups; see bench/RESULTS.md).
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -187,6 +191,7 @@ impl Default for ServerConfig {
         Self {
             hostname: "localhost".into(),
             shutdown_grace: Duration::from_secs(30),
+            worker_threads: 0,
         }
     }
 }
