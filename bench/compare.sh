@@ -18,6 +18,7 @@
 #   --leak S         also run an S-second TLS login loop at c=16 against Portcullis, sampling RSS
 #   --no-write       print only, do not touch bench/RESULTS.md
 #   --keep           keep the temp dir (configs, logs, raw JSON)
+#   --scheduler S    Portcullis's server.scheduler (per-core, the default, or work-stealing)
 # Needs: dovecot-imapd dovecot-pop3d dovecot-submissiond, nginx libnginx-mod-mail, openssl,
 # python3, cargo. Missing Debian packages are installed with apt-get (announced first) when run
 # as root; otherwise the script says what to install and stops. Runs as root or as a normal user.
@@ -26,7 +27,7 @@ cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
 DURATION=10 CONC="1 16 64" PROTOS="imap pop3 smtp" CONC_OTHER="16" ONLY="login,fetch,append,idle"
-IDLE_N=1000 REPS=1 LEAK=0 WRITE=1 KEEP=0
+IDLE_N=1000 REPS=1 LEAK=0 WRITE=1 KEEP=0 SCHEDULER=per-core
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION=$2; shift 2 ;;
@@ -39,7 +40,8 @@ while [ $# -gt 0 ]; do
     --leak) LEAK=$2; shift 2 ;;
     --no-write) WRITE=0; shift ;;
     --keep) KEEP=1; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    --scheduler) SCHEDULER=$2; shift 2 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)"; exit 2 ;;
   esac
 done
@@ -84,7 +86,8 @@ cleanup() {
   [ -n "${DOVECOT_PID:-}" ] && { kill "$DOVECOT_PID" 2>/dev/null; sleep 1; kill -9 "$DOVECOT_PID" 2>/dev/null; }
   if [ "$KEEP" = 1 ]; then echo "kept $T"; else rm -rf "$T"; fi
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap "exit 130" INT TERM
 
 read -r P_D_IMAP P_D_IMAPS P_D_POP3 P_D_POP3S P_D_SUB P_D_SUBS \
   P_N_IMAP P_N_IMAPS P_N_IMAP_BIG P_N_IMAPS_BIG P_N_POP3 P_N_POP3S P_N_SMTP P_N_SMTPS \
@@ -270,6 +273,7 @@ cat >"$P/portcullis.toml" <<EOF
 [server]
 hostname = "localhost"
 shutdown_grace = "1s"
+scheduler = "$SCHEDULER"
 
 [tls]
 default_cert = "$T/cert.pem"

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use portcullis::config::{Config, LogFormat};
+use portcullis::config::{Config, LogFormat, Scheduler};
+use portcullis::server::workers::Workers;
 use portcullis::server::Server;
 use tracing_subscriber::EnvFilter;
 
@@ -41,6 +42,11 @@ enum Command {
         account: String,
     },
 }
+
+/// mimalloc rather than glibc's malloc: a login makes many small short-lived allocations, and
+/// glibc's spent about 8 % of the proxy's CPU per login on them (bench/RESULTS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -99,18 +105,37 @@ fn check_config(path: PathBuf) -> anyhow::Result<()> {
 fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     init_logging(&config);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if config.server.worker_threads > 0 {
-        builder.worker_threads(config.server.worker_threads);
+    let threads = match config.server.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        n => n,
+    };
+    match config.server.scheduler {
+        Scheduler::WorkStealing => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .enable_all()
+                .build()?;
+            runtime.block_on(serve(config, path, None))
+        }
+        Scheduler::PerCore => {
+            // This thread is worker 0; the others run their own runtimes.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let workers = Workers::start(threads - 1)?;
+            let result = runtime.block_on(serve(config, path, Some(&workers)));
+            workers.stop();
+            result
+        }
     }
-    let runtime = builder.enable_all().build()?;
-    runtime.block_on(async move {
-        let server = Server::bind(config).await?;
-        let shutdown = server.shutdown_token();
-        tokio::spawn(signals(shutdown, server.reloader(), path));
-        server.run().await;
-        anyhow::Ok(())
-    })
+}
+
+async fn serve(config: Config, path: PathBuf, workers: Option<&Workers>) -> anyhow::Result<()> {
+    let server = Server::bind(config).await?;
+    let shutdown = server.shutdown_token();
+    tokio::spawn(signals(shutdown, server.reloader(), path));
+    server.run_on(workers.map_or(&[], Workers::handles)).await;
+    Ok(())
 }
 
 #[cfg(unix)]

@@ -669,6 +669,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 struct Idle {
     stream: Box<dyn Stream>,
     since: Instant,
+    /// The runtime whose reactor the connection is registered with (see
+    /// [`crate::server::workers`]): only that runtime's tasks reuse it.
+    worker: usize,
 }
 
 /// Sends pre-built requests to one endpoint, reusing connections the server allows to keep.
@@ -781,7 +784,9 @@ impl HttpClient {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         idle.retain(|c| now.duration_since(c.since) < self.options.idle_timeout);
-        idle.pop().map(|c| c.stream)
+        let here = crate::server::workers::current();
+        let at = idle.iter().rposition(|c| c.worker == here)?;
+        Some(idle.swap_remove(at).stream)
     }
 
     fn put_idle(&self, stream: Box<dyn Stream>) {
@@ -789,7 +794,11 @@ impl HttpClient {
         let now = Instant::now();
         idle.retain(|c| now.duration_since(c.since) < self.options.idle_timeout);
         if idle.len() < self.options.max_idle {
-            idle.push(Idle { stream, since: now });
+            idle.push(Idle {
+                stream,
+                since: now,
+                worker: crate::server::workers::current(),
+            });
         }
     }
 

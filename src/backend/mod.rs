@@ -59,6 +59,8 @@ pub struct Connector {
     master_secret: Secret,
     /// The name the proxy gives itself on the backend leg (SMTP `EHLO`).
     helo_name: String,
+    /// The IMAP backend's greeting and login reply, decoded once (see [`crate::proto::imap::BackendMemo`]).
+    imap_memo: Arc<crate::proto::imap::BackendMemo>,
 }
 
 /// A logged-in backend connection.
@@ -98,6 +100,7 @@ impl Connector {
             separator: separator.to_owned(),
             master_secret,
             helo_name: "localhost".into(),
+            imap_memo: Arc::default(),
         })
     }
 
@@ -205,6 +208,7 @@ impl Connector {
             &self.master_secret,
             service.tls == BackendTls::Starttls,
         )
+        .with_memo(self.imap_memo.clone())
     }
 
     /// The master login for `account` in POP3.

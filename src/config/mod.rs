@@ -184,6 +184,21 @@ pub struct ServerConfig {
     /// login where the proxy shares a small machine with the backend (fewer cross-thread
     /// wake-ups; see bench/RESULTS.md).
     pub worker_threads: usize,
+    /// How connections are spread over the worker threads.
+    pub scheduler: Scheduler,
+}
+
+/// How connections are spread over the worker threads (`server.scheduler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduler {
+    /// One single-threaded runtime per worker thread, each accepting on every listener; a
+    /// connection stays on the thread that accepted it (nginx's model). The default: no
+    /// cross-thread wake-ups on the login path.
+    PerCore,
+    /// One shared work-stealing runtime: an idle thread takes over tasks from a busy one, at
+    /// the price of waking threads across cores.
+    WorkStealing,
 }
 
 impl Default for ServerConfig {
@@ -192,6 +207,7 @@ impl Default for ServerConfig {
             hostname: "localhost".into(),
             shutdown_grace: Duration::from_secs(30),
             worker_threads: 0,
+            scheduler: Scheduler::PerCore,
         }
     }
 }

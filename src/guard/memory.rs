@@ -106,6 +106,16 @@ pub(crate) fn from_epoch_ms(ms: u64) -> std::time::SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
+/// Whether inserting `tag` into `set` now can wait: the set already counts `cap` accounts (or
+/// `tag` itself), each seen within the last `slack`.
+fn recent_is_fresh(set: &Recent, tag: &str, now_ms: u64, slack_ms: u64, cap: usize) -> bool {
+    let recent = now_ms.saturating_sub(slack_ms);
+    if set.iter().any(|(at, t)| t == tag && *at > recent) {
+        return true;
+    }
+    set.len() >= cap && set.iter().all(|(at, _)| *at > recent)
+}
+
 impl MemoryStore {
     /// A store holding at most `max_keys` counter entries and a tenth of that (at least 1000)
     /// bans and offence records.
@@ -324,8 +334,15 @@ impl MemoryStore {
     pub fn succeeded(&self, s: &Subject, settings: &Settings, account_tag: &str, now_ms: u64) {
         let _lock = self.lock();
         let cap = settings.nat_successes as usize;
+        // Rewriting an entry is the expensive part of a login here; an entry that would come out
+        // the same for the next `slack` is left alone (a login every second from a busy office
+        // then writes about once a minute). Entries may so expire up to `slack` early.
+        let slack = settings.nat_window_ms / 60;
         for key in [format!("nat:ip:{}", s.ip), format!("nat:net:{}", s.net)] {
             let mut set = self.load_recent(&key, now_ms);
+            if recent_is_fresh(&set, account_tag, now_ms, slack, cap) {
+                continue;
+            }
             recent_insert(&mut set, account_tag, now_ms, settings.nat_window_ms, cap);
             Self::put(
                 &self.counters,
@@ -336,13 +353,21 @@ impl MemoryStore {
             );
         }
         let pair = s.pair();
-        Self::put(
-            &self.counters,
-            format!("known:{pair}"),
-            Value::Known,
-            now_ms,
-            settings.known_for_ms,
-        );
+        let known = format!("known:{pair}");
+        let refreshed_lately = self.counters.get(&known).is_some_and(|item| {
+            matches!(item.value, Value::Known)
+                && item.until_ms
+                    > now_ms.saturating_add(settings.known_for_ms - settings.known_for_ms / 100)
+        });
+        if !refreshed_lately {
+            Self::put(
+                &self.counters,
+                known,
+                Value::Known,
+                now_ms,
+                settings.known_for_ms,
+            );
+        }
         self.counters
             .invalidate(&format!("w:{}", s.key(WindowKey::IpAccount)));
         self.counters.invalidate(&format!("rep:{pair}"));

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 pub mod limiter;
+pub mod workers;
 
 use crate::authn::Checked;
 use crate::backend::Connector;
@@ -212,6 +213,13 @@ impl Server {
     /// Serves until the shutdown token fires, then says goodbye to pre-login sessions and
     /// drains spliced ones for the grace period.
     pub async fn run(self) {
+        self.run_on(&[]).await;
+    }
+
+    /// [`Server::run`], with every listener also accepted on each of `workers` (per-core
+    /// runtimes, see [`workers`]): each gets its own copy of the listening socket, and the
+    /// connections it accepts stay on it.
+    pub async fn run_on(self, workers: &[tokio::runtime::Handle]) {
         let tracker = TaskTracker::new();
         let permits = Arc::new(Semaphore::new(self.shared.config.limits.max_connections));
         let limits = &self.shared.config.limits;
@@ -227,6 +235,36 @@ impl Server {
         for (listener, ctx) in self.listeners {
             if let Ok(addr) = listener.local_addr() {
                 info!(%addr, proto = ctx.protocol.label(), tls = ?ctx.tls, "listening");
+            }
+            for handle in workers {
+                let copy = match copy_listener(&listener) {
+                    Ok(copy) => copy,
+                    Err(e) => {
+                        warn!(error = %e, "cannot share a listener with a worker runtime");
+                        continue;
+                    }
+                };
+                let accepting = {
+                    let (ctx, shared, permits, per_ip, tracker, ids) = (
+                        ctx.clone(),
+                        self.shared.clone(),
+                        permits.clone(),
+                        per_ip.clone(),
+                        tracker.clone(),
+                        ids.clone(),
+                    );
+                    async move {
+                        // Registered with the worker's own reactor, so from inside its runtime.
+                        match TcpListener::from_std(copy) {
+                            Ok(listener) => {
+                                accept_loop(listener, ctx, shared, permits, per_ip, tracker, ids)
+                                    .await;
+                            }
+                            Err(e) => warn!(error = %e, "worker runtime cannot listen"),
+                        }
+                    }
+                };
+                handle.spawn(tracker.track_future(accepting));
             }
             tracker.spawn(accept_loop(
                 listener,
@@ -278,6 +316,15 @@ impl Reloader {
         self.shared.learned.clear();
         Ok(())
     }
+}
+
+/// Another descriptor for the same listening socket (the kernel hands each new connection to
+/// one of the runtimes waiting on it).
+fn copy_listener(listener: &TcpListener) -> std::io::Result<std::net::TcpListener> {
+    use std::os::fd::AsFd as _;
+    let copy = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
+    copy.set_nonblocking(true)?;
+    Ok(copy)
 }
 
 async fn accept_loop(

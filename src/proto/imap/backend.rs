@@ -5,8 +5,12 @@
 //! A backend that misbehaves (PREAUTH or BYE greeting, unexpected tags, bytes after its STARTTLS
 //! OK, a continuation where none is due) aborts the login. Backend text never reaches the client.
 
+use std::sync::{Arc, Mutex};
+
 use imap_codec::fragmentizer::Fragmentizer;
-use imap_codec::imap_types::response::{Code, Data, GreetingKind, Response, Status, StatusKind};
+use imap_codec::imap_types::response::{
+    Capability, Code, Data, GreetingKind, Response, Status, StatusKind,
+};
 use imap_codec::{GreetingCodec, ResponseCodec};
 use thiserror::Error;
 use zeroize::Zeroizing;
@@ -58,9 +62,40 @@ enum State {
     Done,
 }
 
+/// The last greeting and login reply a backend sent, with what was read from them.
+///
+/// A backend sends the same greeting and the same tagged `OK [CAPABILITY …]` on every
+/// connection, and decoding their capability lists was the largest part of the proxy's own work
+/// per login. A message is decoded only when its bytes differ from the remembered ones; equal
+/// bytes give the same result, so nothing is taken on trust.
+#[derive(Debug, Default)]
+pub struct Memo {
+    /// Greeting bytes, and whether it announced SASL-IR.
+    greeting: Mutex<Option<(Vec<u8>, bool)>>,
+    /// The tagged OK to our login, and the capabilities it carried.
+    reply: Mutex<Option<(Vec<u8>, Vec<String>)>>,
+}
+
+impl Memo {
+    fn greeting(&self, bytes: &[u8]) -> Option<bool> {
+        let memo = self.greeting.lock().unwrap_or_else(|p| p.into_inner());
+        memo.as_ref()
+            .filter(|(seen, _)| seen.as_slice() == bytes)
+            .map(|(_, sasl_ir)| *sasl_ir)
+    }
+
+    fn reply(&self, bytes: &[u8]) -> Option<Vec<String>> {
+        let memo = self.reply.lock().unwrap_or_else(|p| p.into_inner());
+        memo.as_ref()
+            .filter(|(seen, _)| seen.as_slice() == bytes)
+            .map(|(_, caps)| caps.clone())
+    }
+}
+
 /// One master login.
 #[derive(Debug)]
 pub struct BackendLogin {
+    memo: Option<Arc<Memo>>,
     frag: Fragmentizer,
     state: State,
     starttls: bool,
@@ -81,6 +116,7 @@ impl BackendLogin {
         starttls: bool,
     ) -> Self {
         Self {
+            memo: None,
             frag: Fragmentizer::new(MAX_RESPONSE),
             state: State::Greeting,
             starttls,
@@ -89,6 +125,13 @@ impl BackendLogin {
             caps: Vec::new(),
             out: Vec::new(),
         }
+    }
+
+    /// Shares `memo` with the other logins to the same backend.
+    #[must_use]
+    pub fn with_memo(mut self, memo: Arc<Memo>) -> Self {
+        self.memo = Some(memo);
+        self
     }
 
     pub fn take_output(&mut self) -> Vec<u8> {
@@ -147,21 +190,30 @@ impl BackendLogin {
     fn message(&mut self) -> Option<BackendEvent> {
         let fail = |e| Some(BackendEvent::Failed(e));
         if self.state == State::Greeting {
-            let Ok(greeting) = self.frag.decode_message(&GreetingCodec::default()) else {
-                return fail(BackendError::BadGreeting);
+            let remembered = self
+                .memo
+                .as_ref()
+                .and_then(|m| m.greeting(self.frag.message_bytes()));
+            let sasl_ir = match remembered {
+                Some(sasl_ir) => sasl_ir,
+                None => {
+                    let Ok(greeting) = self.frag.decode_message(&GreetingCodec::default()) else {
+                        return fail(BackendError::BadGreeting);
+                    };
+                    match greeting.kind {
+                        GreetingKind::Ok => {}
+                        GreetingKind::PreAuth => return fail(BackendError::PreAuth),
+                        GreetingKind::Bye => return fail(BackendError::BadGreeting),
+                    }
+                    let sasl_ir = matches!(&greeting.code, Some(Code::Capability(caps))
+                        if caps.as_ref().iter().any(|c| matches!(c, Capability::SaslIr)));
+                    if let Some(memo) = &self.memo {
+                        *memo.greeting.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some((self.frag.message_bytes().to_vec(), sasl_ir));
+                    }
+                    sasl_ir
+                }
             };
-            match greeting.kind {
-                GreetingKind::Ok => {}
-                GreetingKind::PreAuth => return fail(BackendError::PreAuth),
-                GreetingKind::Bye => return fail(BackendError::BadGreeting),
-            }
-            let mut sasl_ir = false;
-            if let Some(Code::Capability(caps)) = &greeting.code {
-                sasl_ir = caps
-                    .as_ref()
-                    .iter()
-                    .any(|c| c.to_string().eq_ignore_ascii_case("SASL-IR"));
-            }
             self.sasl_ir = sasl_ir;
             if self.starttls {
                 self.out.extend_from_slice(b"P0 STARTTLS\r\n");
@@ -170,6 +222,15 @@ impl BackendLogin {
                 self.send_auth();
             }
             return None;
+        }
+        if self.state == (State::Auth { sent_payload: true }) {
+            if let Some(caps) = self
+                .memo
+                .as_ref()
+                .and_then(|m| m.reply(self.frag.message_bytes()))
+            {
+                return Some(BackendEvent::LoggedIn(caps));
+            }
         }
         let Ok(response) = self.frag.decode_message(&ResponseCodec::default()) else {
             return fail(BackendError::Protocol);
@@ -210,6 +271,10 @@ impl BackendLogin {
                 }
                 if let Some(Code::Capability(caps)) = &t.body.code {
                     self.caps = names(caps.as_ref());
+                    if let Some(memo) = &self.memo {
+                        *memo.reply.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some((self.frag.message_bytes().to_vec(), self.caps.clone()));
+                    }
                 }
                 if self.caps.is_empty() {
                     self.out.extend_from_slice(b"P2 CAPABILITY\r\n");
@@ -288,6 +353,65 @@ mod tests {
 
     fn b64(raw: &[u8]) -> String {
         crate::sasl::encode_challenge(raw)
+    }
+
+    /// Runs one login through `memo` against `greeting` and `reply`; returns what was sent
+    /// after the greeting and how it ended.
+    fn memo_login(memo: &Arc<Memo>, greeting: &[u8], reply: &[u8]) -> (String, BackendEvent) {
+        let mut l = login(false).with_memo(memo.clone());
+        assert_eq!(l.advance(), BackendEvent::NeedInput);
+        l.feed(greeting);
+        let mut ev = l.advance();
+        let mut sent = String::from_utf8(l.take_output()).unwrap();
+        if ev == BackendEvent::NeedInput && !sent.contains(' ') {
+            unreachable!("no AUTHENTICATE sent");
+        }
+        if sent == "P1 AUTHENTICATE PLAIN\r\n" {
+            l.feed(b"+ \r\n");
+            assert_eq!(l.advance(), BackendEvent::NeedInput);
+            sent.push_str(&String::from_utf8(l.take_output()).unwrap());
+        }
+        if ev == BackendEvent::NeedInput {
+            l.feed(reply);
+            ev = l.advance();
+        }
+        (sent, ev)
+    }
+
+    #[test]
+    fn memo_gives_the_same_results_and_never_confuses_other_bytes() {
+        let memo = Arc::new(Memo::default());
+        let greeting: &[u8] = b"* OK [CAPABILITY IMAP4rev1 SASL-IR] ready\r\n";
+        let ok: &[u8] = b"P1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n";
+        let first = memo_login(&memo, greeting, ok);
+        let second = memo_login(&memo, greeting, ok);
+        assert_eq!(first, second);
+        assert_eq!(
+            first.1,
+            BackendEvent::LoggedIn(vec!["IMAP4REV1".into(), "IDLE".into()])
+        );
+        // A refusal after a remembered OK is still a refusal.
+        let (_, refused) = memo_login(&memo, greeting, b"P1 NO [AUTHENTICATIONFAILED] no\r\n");
+        assert_eq!(refused, BackendEvent::Failed(BackendError::LoginRefused));
+        // A greeting without SASL-IR is decoded on its own: no initial response is sent.
+        let (sent, ev) = memo_login(&memo, b"* OK [CAPABILITY IMAP4rev1] ready\r\n", ok);
+        assert!(sent.starts_with("P1 AUTHENTICATE PLAIN\r\n"), "{sent}");
+        assert_eq!(
+            ev,
+            BackendEvent::LoggedIn(vec!["IMAP4REV1".into(), "IDLE".into()])
+        );
+        // Other capabilities in the reply are read, not remembered ones.
+        let (_, ev) = memo_login(
+            &memo,
+            greeting,
+            b"P1 OK [CAPABILITY IMAP4rev2] Logged in\r\n",
+        );
+        assert_eq!(ev, BackendEvent::LoggedIn(vec!["IMAP4rev2".into()]));
+        // A PREAUTH greeting still fails after an OK one was remembered.
+        let mut l = login(false).with_memo(memo);
+        l.advance();
+        l.feed(b"* PREAUTH [CAPABILITY IMAP4rev1 SASL-IR] hi\r\n");
+        assert_eq!(l.advance(), BackendEvent::Failed(BackendError::PreAuth));
     }
 
     #[test]

@@ -554,13 +554,18 @@ impl PreAuth {
 
     /// The backend login succeeded: answer the client's tag with the backend's post-login
     /// capabilities (already filtered).
-    pub fn login_succeeded(&mut self, capabilities: &[String]) {
+    pub fn login_succeeded<S: AsRef<str>>(&mut self, capabilities: &[S]) {
         if let State::Checking { tag, .. } = std::mem::replace(&mut self.state, State::Closed) {
             if capabilities.is_empty() {
                 self.tagged(Some(&tag), "OK Logged in");
             } else {
-                let caps = capabilities.join(" ");
-                self.tagged(Some(&tag), &format!("OK [CAPABILITY {caps}] Logged in"));
+                let mut text = String::from("OK [CAPABILITY");
+                for cap in capabilities {
+                    text.push(' ');
+                    text.push_str(cap.as_ref());
+                }
+                text.push_str("] Logged in");
+                self.tagged(Some(&tag), &text);
             }
         }
     }
@@ -667,10 +672,10 @@ impl PreLogin for PreAuth {
         PreAuth::shutdown(self)
     }
     fn login_succeeded(&mut self, capabilities: &[String]) {
-        let kept: Vec<String> = capabilities
+        let kept: Vec<&str> = capabilities
             .iter()
+            .map(String::as_str)
             .filter(|c| super::keep_post_login_capability(c))
-            .cloned()
             .collect();
         PreAuth::login_succeeded(self, &kept);
     }

@@ -105,7 +105,7 @@ fn login_and_pipelined_commands_are_held() {
     assert_eq!(r.logins, vec![Ok(("alice".to_owned(), b"pw 1".to_vec()))]);
     // Nothing was answered for the pipelined commands.
     assert!(!r.out.contains("b "), "{}", r.out);
-    m.login_succeeded(&["IMAP4REV1".into(), "IDLE".into()]);
+    m.login_succeeded(&["IMAP4REV1", "IDLE"]);
     assert_eq!(
         m.take_output(),
         b"a OK [CAPABILITY IMAP4REV1 IDLE] Logged in\r\n"
