@@ -654,3 +654,56 @@ fn a_large_fetch_over_tls_arrives_whole_to_a_slow_reader() {
     assert!(last.starts_with("f OK"), "{last}");
     assert!(saw_end && total > 12 << 20);
 }
+
+#[test]
+fn both_schedulers_serve_concurrent_logins_and_per_core_uses_every_runtime() {
+    let dovecot = Dovecot::builder().start();
+    for scheduler in ["per-core", "work-stealing"] {
+        let proxy = Proxy::start(ProxyOptions {
+            server_extra: format!("scheduler = \"{scheduler}\"\nworker_threads = 2\n"),
+            ..ProxyOptions::file_users(dovecot.imap_port(), dovecot.master_secret())
+        });
+        let before = dovecot.master_logins(ALICE);
+        let clients: Vec<_> = (0..12)
+            .map(|_| {
+                let port = proxy.imaps;
+                std::thread::spawn(move || {
+                    Client::imap(port)
+                        .tls("implicit", &dev_ca())
+                        .login("alice", "alice-password")
+                        .actions(&["select", "logout"])
+                        .run()
+                })
+            })
+            .collect();
+        for client in clients {
+            client.join().unwrap().assert_ok();
+        }
+        // Dovecot writes its log asynchronously.
+        let mut seen = 0;
+        for _ in 0..50 {
+            seen = dovecot.master_logins(ALICE) - before;
+            if seen == 12 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(seen, 12, "{scheduler}: master logins at the backend");
+        let log = proxy.log();
+        let sessions_on = |worker: usize| {
+            log.lines()
+                .filter(|l| l.contains("login accepted") && l.contains(&format!("worker={worker}")))
+                .count()
+        };
+        assert_eq!(sessions_on(0) + sessions_on(1), 12, "{scheduler}: {log}");
+        if scheduler == "per-core" {
+            // Twelve connections arriving together: the second runtime accepts its share.
+            assert!(
+                sessions_on(1) > 0,
+                "no session on the second runtime: {log}"
+            );
+        } else {
+            assert_eq!(sessions_on(1), 0, "work-stealing has one runtime: {log}");
+        }
+    }
+}

@@ -55,7 +55,7 @@ pub async fn run<M, BM, B, U, D, F>(
     D: Downstream,
     F: FnOnce() -> (U, D),
 {
-    let span = tracing::info_span!("session", proto = plug.protocol.label(), peer = %ctx.client, session = %ctx.session_id);
+    let span = tracing::info_span!("session", proto = plug.protocol.label(), peer = %ctx.client, session = %ctx.session_id, worker = crate::server::workers::current());
     // Two boxed phases, so that a logged-in session holds only the splice's state: the task
     // keeps its largest state for its whole life, and the pre-login phase is the larger one.
     let logged_in = Box::pin(drive(shared.clone(), listener, ctx, conn, tls, plug))

@@ -46,6 +46,8 @@ pub struct ProxyOptions {
     pub backend_http_port: u16,
     /// `none` or `implicit`.
     pub backend_http_tls: String,
+    /// Extra keys for `[server]` (e.g. `scheduler`, `worker_threads`).
+    pub server_extra: String,
 }
 
 impl ProxyOptions {
@@ -71,6 +73,7 @@ impl ProxyOptions {
             per_ip_connections: 50,
             backend_http_port: 0,
             backend_http_tls: "none".into(),
+            server_extra: String::new(),
         }
     }
 
@@ -203,6 +206,7 @@ impl Proxy {
 [server]
 hostname = "localhost"
 shutdown_grace = "2s"
+{server_extra}
 
 [tls]
 default_cert = "{cert}"
@@ -268,6 +272,7 @@ per_ip_new_per_minute = 10000
             extra = opts.extra,
             guard = opts.guard,
             per_ip = opts.per_ip_connections,
+            server_extra = opts.server_extra,
         );
         let path = dir.path().join("portcullis.toml");
         std::fs::write(&path, config).unwrap();
