@@ -12,7 +12,7 @@
 #   --conc "LIST"    login concurrencies (default "1 16 64")
 #   --protos "LIST"  login protocols (default "imap pop3 smtp"; pop3/smtp at --conc-other)
 #   --conc-other "L" concurrencies for pop3/smtp (default "16")
-#   --only "LIST"    any of login,fetch,append,idle (default all)
+#   --only "LIST"    any of login,fetch,append,idle,http (default all)
 #   --idle N         idle connections per contestant (default 1000)
 #   --reps N         interleaved repetitions; tables show medians (default 1)
 #   --leak S         also run an S-second TLS login loop at c=16 against Portcullis, sampling RSS
@@ -26,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
-DURATION=10 CONC="1 16 64" PROTOS="imap pop3 smtp" CONC_OTHER="16" ONLY="login,fetch,append,idle"
+DURATION=10 CONC="1 16 64" PROTOS="imap pop3 smtp" CONC_OTHER="16" ONLY="login,fetch,append,idle,http"
 IDLE_N=1000 REPS=1 LEAK=0 WRITE=1 KEEP=0 SCHEDULER=per-core
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -91,7 +91,7 @@ trap "exit 130" INT TERM
 
 read -r P_D_IMAP P_D_IMAPS P_D_POP3 P_D_POP3S P_D_SUB P_D_SUBS \
   P_N_IMAP P_N_IMAPS P_N_IMAP_BIG P_N_IMAPS_BIG P_N_POP3 P_N_POP3S P_N_SMTP P_N_SMTPS \
-  P_P_IMAP P_P_IMAPS P_P_POP3 P_P_POP3S P_P_SUB P_P_SUBS P_SINK <<<"$("$LOADGEN" free-ports 21)"
+  P_P_IMAP P_P_IMAPS P_P_POP3 P_P_POP3S P_P_SUB P_P_SUBS P_SINK P_P_HTTP P_P_HTTPS <<<"$("$LOADGEN" free-ports 23)"
 
 PASSWORD=benchpass MASTER=master MASTER_SECRET=master-secret-$$ USERS=200
 
@@ -223,6 +223,13 @@ wait_port "$P_D_IMAP" dovecot || { cat "$D/stdout.log" "$D/dovecot.log" 2>/dev/n
 for _ in $(seq 1 50); do [ -s "$T/authhttp.port" ] && break; sleep 0.1; done
 AUTH_PORT=$(cat "$T/authhttp.port")
 
+# ---- the HTTP backend for the HTTP cells (nginx's mail proxy has no HTTP side) --------------
+"$LOADGEN" httpbackend --password "$PASSWORD" --master "$MASTER" --master-secret "$MASTER_SECRET" \
+  >"$T/httpbackend.port" 2>"$T/httpbackend.log" &
+PIDS+=($!)
+for _ in $(seq 1 50); do [ -s "$T/httpbackend.port" ] && break; sleep 0.1; done
+P_D_HTTP=$(cat "$T/httpbackend.port")
+
 # ---- nginx mail proxy ------------------------------------------------------------------------
 N=$T/nginx
 mkdir -p "$N"
@@ -286,11 +293,14 @@ $(pc_listener pop3 "$P_P_POP3" none)
 $(pc_listener pop3 "$P_P_POP3S" implicit)
 $(pc_listener submission "$P_P_SUB" none)
 $(pc_listener submission "$P_P_SUBS" implicit)
+$(pc_listener http "$P_P_HTTP" none)
+$(pc_listener http "$P_P_HTTPS" implicit)
 [backend]
 host = "127.0.0.1"
 imap = { port = $P_D_IMAP, tls = "none" }
 pop3 = { port = $P_D_POP3, tls = "none" }
 submission = { port = $P_D_SUB, tls = "none" }
+http = { port = $P_D_HTTP, tls = "none" }
 
 [master]
 user = "$MASTER"
@@ -340,6 +350,8 @@ addr() { # contestant proto tls [big] -> port
     portcullis/imap/0/*) echo "$P_P_IMAP" ;; portcullis/imap/1/*) echo "$P_P_IMAPS" ;;
     portcullis/pop3/0/*) echo "$P_P_POP3" ;; portcullis/pop3/1/*) echo "$P_P_POP3S" ;;
     portcullis/smtp/0/*) echo "$P_P_SUB" ;; portcullis/smtp/1/*) echo "$P_P_SUBS" ;;
+    direct/http/0/*) echo "$P_D_HTTP" ;;
+    portcullis/http/0/*) echo "$P_P_HTTP" ;; portcullis/http/1/*) echo "$P_P_HTTPS" ;;
   esac
 }
 pids_of() { case "$1" in nginx*) echo "$NGINX_PIDS" ;; portcullis) echo "$PORTCULLIS_PID" ;; *) echo "" ;; esac; }
@@ -403,6 +415,17 @@ for REP in $(seq 1 "$REPS"); do
       for who in $order; do
         run append "$who" imap "$s" "$(addr "$who" imap "$s")" -c 1 -t "$FETCH_S"
         [ "$who" = nginx ] && run append nginx-256k imap "$s" "$(addr nginx imap "$s" big)" -c 1 -t "$FETCH_S"
+      done
+    done
+  fi
+  if want http; then
+    # HTTP: the backend speaks no TLS, so direct has only the cleartext row.
+    for s in 0 1; do
+      echo "== rep $REP http (2 GETs with Basic per connection) tls=$s c=16"
+      for who in $order; do
+        [ "$who" = nginx ] && continue
+        [ "$who" = direct ] && [ "$s" = 1 ] && continue
+        run login "$who" http "$s" "$(addr "$who" http "$s")" -c 16 -t "$DURATION"
       done
     done
   fi

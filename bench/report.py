@@ -77,7 +77,7 @@ p("+ workers; Portcullis) from /proc, over the cell, divided by logins or MiB: i
 p("the backend. Latency is connect → login OK as the client sees it.")
 p("")
 
-logins = sorted({(k[1], k[2], k[3]) for k in cells if k[0] == "login"},
+logins = sorted({(k[1], k[2], k[3]) for k in cells if k[0] == "login" and k[1] != "http"},
                 key=lambda x: (["imap", "pop3", "smtp"].index(x[0]) if x[0] in ["imap", "pop3", "smtp"] else 9, x[1], x[2]))
 checks = []
 if logins:
@@ -105,6 +105,30 @@ if logins:
             added_n, added_p = p99[1] - p99[0], p99[2] - p99[0]
             checks.append((f"{proto} {tl} c=16: login p99 ≤ nginx's", p99[2] <= p99[1],
                            f"{p99[2] / 1000:.1f} ms vs {p99[1] / 1000:.1f} ms (added over direct: {added_p / 1000:+.1f} vs {added_n / 1000:+.1f} ms)"))
+    p("")
+
+http = sorted({(k[2], k[3]) for k in cells if k[0] == "login" and k[1] == "http"})
+if http:
+    p("### HTTP with Basic auth (no nginx row: its mail proxy has no HTTP side)")
+    p("")
+    p("Each connection: connect → (TLS) → `GET` with `Authorization: Basic` → a second `GET` on the same")
+    p("keep-alive connection → close. Portcullis authenticates each request on its own (`nginx`")
+    p("authenticator, no auth cache) and replays the master Basic to the backend (`loadgen")
+    p("httpbackend`, which checks it). Rates are connections per second (two requests each); latency")
+    p("is connect → first response.")
+    p("")
+    p("| TLS | c | direct conn/s | Portcullis conn/s | P/direct | p50 ms d / P | p99 ms d / P | CPU µs/request P | errors d/P |")
+    p("|---|---|---|---|---|---|---|---|---|")
+    for tls, c in http:
+        k = lambda who: ("login", "http", tls, c, who)
+        d, pc = (med(k(w), "logins_per_s") for w in ("direct", "portcullis"))
+        p50 = [med(k(w), "login_latency_us", "p50") for w in ("direct", "portcullis")]
+        p99 = [med(k(w), "login_latency_us", "p99") for w in ("direct", "portcullis")]
+        cp = med(k("portcullis"), "proxy_cpu_us_per_login")
+        errs = [sum(r.get("errors", 0) for r in cells.get(k(w), [])) for w in ("direct", "portcullis")]
+        ms = lambda v: fmt(v / 1000 if v is not None else None, 1)
+        p(f"| {'yes' if tls else 'no'} | {c} | {fmt(d)} | {fmt(pc)} | {rfmt(ratio(pc, d))} | {' / '.join(ms(v) for v in p50)} "
+          f"| {' / '.join(ms(v) for v in p99)} | {fmt(cp / 2 if cp is not None else None)} | {'/'.join(map(str, errs))} |")
     p("")
 
 for mode, title in (("fetch", "FETCH of a 4 MiB message (logged in once, repeated)"), ("append", "APPEND of a 4 MiB message (then expunged)")):

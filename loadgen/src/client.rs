@@ -1,5 +1,6 @@
 //! One client connection: TCP (TCP_NODELAY), optional implicit TLS, and the few protocol
-//! exchanges the benchmark needs (IMAP, POP3, SMTP), with literal-aware IMAP reading.
+//! exchanges the benchmark needs (IMAP, POP3, SMTP, and HTTP requests with Basic auth), with
+//! literal-aware IMAP reading.
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,6 +23,10 @@ pub enum Proto {
     Imap,
     Pop3,
     Smtp,
+    /// HTTP/1.1 `GET` with `Authorization: Basic` on a keep-alive connection: "login" is the
+    /// first authenticated request, the small command a second one (each is authenticated on
+    /// its own, as a DAV client's are).
+    Http,
 }
 
 impl Proto {
@@ -30,9 +35,13 @@ impl Proto {
             Proto::Imap => "imap",
             Proto::Pop3 => "pop3",
             Proto::Smtp => "smtp",
+            Proto::Http => "http",
         }
     }
 }
+
+/// The path every HTTP request asks for (a JMAP session resource; the backend answers any).
+pub const HTTP_PATH: &str = "/jmap/session";
 
 /// Accepts any server certificate: the benchmark measures the servers, not the client's
 /// path validation, and every contestant presents the same certificate anyway.
@@ -324,6 +333,49 @@ impl Conn {
         self.smtp_reply(code).await
     }
 
+    // ---- HTTP ----
+
+    /// One `GET` with Basic credentials; reads the response head and its `Content-Length` body
+    /// and errors unless the status is 2xx.
+    pub async fn http_get(&mut self, path: &str, user: &str, pass: &str) -> io::Result<()> {
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        self.send(
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Basic {basic}\r\nUser-Agent: portcullis-loadgen\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await?;
+        self.read_line().await?;
+        let status = self.line_str();
+        let ok = status
+            .split(' ')
+            .nth(1)
+            .is_some_and(|code| code.starts_with('2'));
+        let mut length = 0u64;
+        loop {
+            self.read_line().await?;
+            if self.line == b"\r\n" {
+                break;
+            }
+            let header = String::from_utf8_lossy(&self.line);
+            if let Some((name, value)) = header.split_once(':') {
+                if name.trim().eq_ignore_ascii_case("content-length") {
+                    length = value
+                        .trim()
+                        .parse()
+                        .map_err(|_| err("bad Content-Length"))?;
+                }
+            }
+        }
+        self.skip(length).await?;
+        if ok {
+            Ok(())
+        } else {
+            Err(err(format!("http: {status}")))
+        }
+    }
+
     // ---- whole sessions ----
 
     /// Greeting and login; the login is complete (the client may send commands) on return.
@@ -345,6 +397,7 @@ impl Conn {
                     base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{pass}"));
                 self.smtp(&format!("AUTH PLAIN {plain}"), b"235").await
             }
+            Proto::Http => self.http_get(HTTP_PATH, user, pass).await,
         }
     }
 
@@ -354,6 +407,7 @@ impl Conn {
             Proto::Imap => self.imap("NOOP").await.map(|_| ()),
             Proto::Pop3 => self.pop3("STAT").await,
             Proto::Smtp => self.smtp("NOOP", b"250").await,
+            Proto::Http => Err(err("HTTP needs the credentials: use http_get")),
         }
     }
 
@@ -363,6 +417,7 @@ impl Conn {
             Proto::Imap => self.imap("LOGOUT").await.map(|_| ())?,
             Proto::Pop3 => self.pop3("QUIT").await?,
             Proto::Smtp => self.smtp("QUIT", b"221").await?,
+            Proto::Http => {}
         }
         let _ = self.io.get_mut().shutdown().await;
         Ok(())

@@ -1,12 +1,14 @@
 //! `loadgen`: the load generator behind `bench/compare.sh`.
 //!
 //! - `login`: N clients each loop connect → (TLS) → login → a small command → logout for T
-//!   seconds; logins/s, login and session latency percentiles, errors.
+//!   seconds; logins/s, login and session latency percentiles, errors. IMAP, POP3, SMTP, and
+//!   HTTP (two `GET`s with Basic auth on one keep-alive connection).
 //! - `fetch` / `append`: log in once per connection, then FETCH a large message repeatedly, or
 //!   APPEND one (and expunge it again); MiB/s.
 //! - `idle`: open N authenticated IMAP connections in IDLE and hold them; the watched processes'
 //!   RSS growth per connection.
 //! - `authhttp`: the nginx `auth_http` answerer both proxies ask (see `authhttp.rs`).
+//! - `httpbackend`: a minimal HTTP backend for the HTTP cells (see `httpbackend.rs`).
 //! - `free-ports`: prints free loopback TCP ports for the script.
 //!
 //! Every run prints one JSON object on stdout. With `--pids`, the CPU time (utime + stime from
@@ -15,6 +17,7 @@
 
 mod authhttp;
 mod client;
+mod httpbackend;
 mod procstat;
 
 use std::net::SocketAddr;
@@ -45,7 +48,11 @@ enum Cmd {
     Append(ThroughputArgs),
     Idle(IdleArgs),
     Authhttp(AuthHttpArgs),
-    FreePorts { count: usize },
+    /// A minimal HTTP backend for the HTTP cells (see `httpbackend.rs`); prints its port.
+    Httpbackend(HttpBackendArgs),
+    FreePorts {
+        count: usize,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -132,6 +139,18 @@ struct AuthHttpArgs {
     smtp_port: u16,
 }
 
+#[derive(Args)]
+struct HttpBackendArgs {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    #[arg(long, default_value = "benchpass")]
+    password: String,
+    #[arg(long, default_value = "master")]
+    master: String,
+    #[arg(long)]
+    master_secret: String,
+}
+
 fn main() {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -145,6 +164,22 @@ fn main() {
             Cmd::Fetch(a) => throughput(a, false).await,
             Cmd::Append(a) => throughput(a, true).await,
             Cmd::Idle(a) => idle(a).await,
+            Cmd::Httpbackend(a) => {
+                let listener = tokio::net::TcpListener::bind(a.listen)
+                    .await
+                    .unwrap_or_else(|e| panic!("bind {}: {e}", a.listen));
+                println!("{}", authhttp::bound_addr(&listener).port());
+                let settings = httpbackend::Settings {
+                    password: a.password,
+                    master: a.master,
+                    master_secret: a.master_secret,
+                };
+                if let Err(e) = httpbackend::serve(listener, settings).await {
+                    eprintln!("httpbackend: {e}");
+                    std::process::exit(1);
+                }
+                Value::Null
+            }
             Cmd::Authhttp(a) => {
                 let listener = tokio::net::TcpListener::bind(a.listen)
                     .await
@@ -254,7 +289,11 @@ async fn login(a: LoginArgs) -> Value {
                     let mut c = Conn::connect(t.addr, tls.as_ref()).await?;
                     c.login(t.proto, &u, &t.password).await?;
                     let logged_in = t0.elapsed();
-                    c.small_command(t.proto).await?;
+                    if t.proto == Proto::Http {
+                        c.http_get(client::HTTP_PATH, &u, &t.password).await?;
+                    } else {
+                        c.small_command(t.proto).await?;
+                    }
                     c.logout(t.proto).await?;
                     Ok::<_, std::io::Error>(logged_in)
                 };

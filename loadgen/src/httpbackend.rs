@@ -1,0 +1,96 @@
+//! A minimal HTTP/1.1 backend standing in for Stalwart's HTTP side in the HTTP cells.
+//!
+//! It answers `200` with a small JSON body to `Authorization: Basic` of either a user with the
+//! benchmark password (the direct contestant) or `<user>%<master>` with the master secret (what
+//! Portcullis replays), and `401` to anything else. Keep-alive; request bodies are not
+//! expected (the generator only sends `GET`).
+
+use std::sync::Arc;
+
+use base64::Engine;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub struct Settings {
+    pub password: String,
+    pub master: String,
+    pub master_secret: String,
+}
+
+pub async fn serve(listener: TcpListener, settings: Settings) -> std::io::Result<()> {
+    let settings = Arc::new(settings);
+    loop {
+        let (sock, _) = listener.accept().await?;
+        let _ = sock.set_nodelay(true);
+        let settings = settings.clone();
+        tokio::spawn(async move {
+            let _ = connection(sock, &settings).await;
+        });
+    }
+}
+
+/// Whether a Basic credential (the base64 text) is one this backend accepts.
+fn accepted(b64: &[u8], s: &Settings) -> bool {
+    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64) else {
+        return false;
+    };
+    let Ok(text) = std::str::from_utf8(&raw) else {
+        return false;
+    };
+    let Some((user, pass)) = text.split_once(':') else {
+        return false;
+    };
+    match user.split_once('%') {
+        Some((_, master)) => master == s.master && pass == s.master_secret,
+        None => pass == s.password,
+    }
+}
+
+async fn connection(mut sock: TcpStream, s: &Settings) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            if buf.len() > 64 * 1024 {
+                return Ok(());
+            }
+            let n = sock.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let mut ok = false;
+        let mut close = false;
+        for line in buf[..end]
+            .split(|&b| b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .skip(1)
+        {
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+            if name.eq_ignore_ascii_case(b"Authorization") {
+                ok = value
+                    .strip_prefix(b"Basic ")
+                    .is_some_and(|b64| accepted(b64.trim_ascii(), s));
+            } else if name.eq_ignore_ascii_case(b"Connection") {
+                close = value.eq_ignore_ascii_case(b"close");
+            }
+        }
+        let reply: &[u8] = if ok {
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
+        } else {
+            b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"bench\"\r\nContent-Length: 0\r\n\r\n"
+        };
+        sock.write_all(reply).await?;
+        if close {
+            return Ok(());
+        }
+        buf.drain(..end);
+    }
+}
