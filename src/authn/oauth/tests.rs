@@ -1,6 +1,7 @@
 //! The `oauth` authenticator against a scripted provider: the answers a real one gives, and the
 //! broken ones no real provider can be made to give on demand.
 
+#[cfg(test)]
 use super::*;
 use crate::authn::http::test_server::{serve, Canned};
 use crate::secret::Secret;
