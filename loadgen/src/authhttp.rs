@@ -11,10 +11,7 @@
 //! HTTP/1.0 with `Connection: keep-alive` keeps the connection open (Portcullis asks for it;
 //! nginx never does).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 pub struct Settings {
@@ -27,15 +24,10 @@ pub struct Settings {
 }
 
 pub async fn serve(listener: TcpListener, settings: Settings) -> std::io::Result<()> {
-    let settings = Arc::new(settings);
-    loop {
-        let (sock, _) = listener.accept().await?;
-        let _ = sock.set_nodelay(true);
-        let settings = settings.clone();
-        tokio::spawn(async move {
-            let _ = connection(sock, &settings).await;
-        });
-    }
+    crate::httpserve::serve(listener, settings, |sock, s| async move {
+        connection(sock, &s).await
+    })
+    .await
 }
 
 fn unescape(v: &[u8]) -> String {
@@ -58,21 +50,9 @@ fn unescape(v: &[u8]) -> String {
 
 async fn connection(mut sock: TcpStream, s: &Settings) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(2048);
-    let mut chunk = [0u8; 4096];
     loop {
-        // Read one request head.
-        let end = loop {
-            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break p + 4;
-            }
-            if buf.len() > 64 * 1024 {
-                return Ok(());
-            }
-            let n = sock.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = crate::httpserve::read_head(&mut sock, &mut buf).await? else {
+            return Ok(());
         };
         let head = &buf[..end];
         let mut lines = head
@@ -131,10 +111,4 @@ async fn connection(mut sock: TcpStream, s: &Settings) -> std::io::Result<()> {
         }
         buf.drain(..end);
     }
-}
-
-pub fn bound_addr(listener: &TcpListener) -> SocketAddr {
-    listener
-        .local_addr()
-        .unwrap_or_else(|e| panic!("local addr: {e}"))
 }

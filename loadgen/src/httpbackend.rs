@@ -5,10 +5,8 @@
 //! Portcullis replays), and `401` to anything else. Keep-alive; request bodies are not
 //! expected (the generator only sends `GET`).
 
-use std::sync::Arc;
-
 use base64::Engine;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 pub struct Settings {
@@ -18,15 +16,10 @@ pub struct Settings {
 }
 
 pub async fn serve(listener: TcpListener, settings: Settings) -> std::io::Result<()> {
-    let settings = Arc::new(settings);
-    loop {
-        let (sock, _) = listener.accept().await?;
-        let _ = sock.set_nodelay(true);
-        let settings = settings.clone();
-        tokio::spawn(async move {
-            let _ = connection(sock, &settings).await;
-        });
-    }
+    crate::httpserve::serve(listener, settings, |sock, s| async move {
+        connection(sock, &s).await
+    })
+    .await
 }
 
 /// Whether a Basic credential (the base64 text) is one this backend accepts.
@@ -48,20 +41,9 @@ fn accepted(b64: &[u8], s: &Settings) -> bool {
 
 async fn connection(mut sock: TcpStream, s: &Settings) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(2048);
-    let mut chunk = [0u8; 4096];
     loop {
-        let end = loop {
-            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break p + 4;
-            }
-            if buf.len() > 64 * 1024 {
-                return Ok(());
-            }
-            let n = sock.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = crate::httpserve::read_head(&mut sock, &mut buf).await? else {
+            return Ok(());
         };
         let mut ok = false;
         let mut close = false;

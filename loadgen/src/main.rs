@@ -18,6 +18,7 @@
 mod authhttp;
 mod client;
 mod httpbackend;
+mod httpserve;
 mod procstat;
 
 use std::net::SocketAddr;
@@ -165,10 +166,7 @@ fn main() {
             Cmd::Append(a) => throughput(a, true).await,
             Cmd::Idle(a) => idle(a).await,
             Cmd::Httpbackend(a) => {
-                let listener = tokio::net::TcpListener::bind(a.listen)
-                    .await
-                    .unwrap_or_else(|e| panic!("bind {}: {e}", a.listen));
-                println!("{}", authhttp::bound_addr(&listener).port());
+                let listener = httpserve::bind(a.listen).await;
                 let settings = httpbackend::Settings {
                     password: a.password,
                     master: a.master,
@@ -181,10 +179,7 @@ fn main() {
                 Value::Null
             }
             Cmd::Authhttp(a) => {
-                let listener = tokio::net::TcpListener::bind(a.listen)
-                    .await
-                    .unwrap_or_else(|e| panic!("bind {}: {e}", a.listen));
-                println!("{}", authhttp::bound_addr(&listener).port());
+                let listener = httpserve::bind(a.listen).await;
                 let settings = authhttp::Settings {
                     password: a.password,
                     master: a.master,
