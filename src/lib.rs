@@ -31,6 +31,7 @@ pub mod session;
 pub mod splice;
 pub mod stream;
 pub mod tls;
+pub mod zerocopy;
 
 use serde::Deserialize;
 

@@ -125,7 +125,10 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             let workers = Workers::start(threads - 1)?;
-            let result = runtime.block_on(serve(config, path, Some(&workers)));
+            let result = runtime.block_on(async {
+                tokio::spawn(portcullis::server::workers::timer_heartbeat());
+                serve(config, path, Some(&workers)).await
+            });
             workers.stop();
             result
         }

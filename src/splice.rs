@@ -9,12 +9,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::proto::imap::framer::{ClientOutput, CommandFramer, ResponseFramer};
 use crate::stream::Conn;
+use crate::zerocopy::{Pipe, Stop};
 
 /// Smallest read buffer per direction: what an idle session holds. IMAP IDLE updates and
 /// interactive answers fit; anything bigger grows the buffer within a few reads.
@@ -26,6 +28,10 @@ const BUF_MAX: usize = 64 * 1024;
 
 /// How long the backend may keep answering after the client closed its sending side.
 const DRAIN: Duration = Duration::from_secs(5);
+
+/// Opaque runs at least this long (an IMAP message body) bypass the proxy's memory when both
+/// legs are cleartext (see `zerocopy`); shorter ones are not worth a pipe.
+const ZERO_COPY_MIN: u64 = 16 * 1024;
 
 /// A read buffer that grows while reads fill it (a download) and shrinks back after a few
 /// small reads (an idle or interactive session), so thousands of idle IMAP IDLE sessions do
@@ -109,6 +115,8 @@ pub enum SpliceEnd {
 pub struct SpliceStats {
     pub to_backend: u64,
     pub to_client: u64,
+    /// Of `to_client`, the bytes that went socket to socket without a copy (see `zerocopy`).
+    pub to_client_zero_copy: u64,
     pub end: SpliceEnd,
 }
 
@@ -124,6 +132,42 @@ pub trait Downstream: Send {
     fn push(&mut self, input: &[u8], out: &mut Vec<u8>);
     /// Whether a local reply may be inserted now.
     fn at_boundary(&self) -> bool;
+    /// How many of the next backend bytes `push` would pass on unchanged and unexamined (the
+    /// rest of an announced literal), so they may go to the client without it.
+    fn opaque_ahead(&self) -> u64 {
+        0
+    }
+    /// Accounts for `n` (at most [`Downstream::opaque_ahead`]) bytes sent without `push`.
+    fn skipped(&mut self, _n: u64) {}
+}
+
+/// A split half of a leg, which may expose its cleartext socket for zero-copy forwarding.
+trait Half {
+    fn tcp(&self) -> Option<&TcpStream>;
+}
+
+impl Half for tokio::net::tcp::ReadHalf<'_> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl Half for tokio::net::tcp::WriteHalf<'_> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl Half for tokio::io::ReadHalf<Conn> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl Half for tokio::io::WriteHalf<Conn> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
 }
 
 /// Copies bytes unchanged (POP3, SMTP after login).
@@ -161,6 +205,12 @@ impl Downstream for ResponseFramer {
     fn at_boundary(&self) -> bool {
         ResponseFramer::at_boundary(self)
     }
+    fn opaque_ahead(&self) -> u64 {
+        self.literal_left()
+    }
+    fn skipped(&mut self, n: u64) {
+        self.skip_literal(n);
+    }
 }
 
 /// Splices a session, with `up` and `down` watching each direction (IMAP: [`CommandFramer`]
@@ -169,7 +219,7 @@ impl Downstream for ResponseFramer {
 /// anything else (bytes already read during login). `stop` ends the splice (the server fires it
 /// when the shutdown grace period is over).
 pub async fn run<U: Upstream, D: Downstream>(
-    (mut up, mut down): (U, D),
+    filters: (U, D),
     client: Conn,
     backend: Conn,
     client_first: Vec<u8>,
@@ -177,14 +227,46 @@ pub async fn run<U: Upstream, D: Downstream>(
     idle: Duration,
     stop: CancellationToken,
 ) -> SpliceStats {
+    let first = (client_first, backend_first);
+    match (client, backend) {
+        // Both cleartext: halves that borrow the sockets, so opaque runs can be spliced.
+        (Conn::Plain(mut client), Conn::Plain(mut backend)) => {
+            let client = client.split();
+            let backend = backend.split();
+            pump(filters, client, backend, first, idle, stop).await
+        }
+        (client, backend) => {
+            let client = tokio::io::split(client);
+            let backend = tokio::io::split(backend);
+            pump(filters, client, backend, first, idle, stop).await
+        }
+    }
+}
+
+/// [`run`] over split legs.
+async fn pump<U, D, CR, CW, BR, BW>(
+    (mut up, mut down): (U, D),
+    (mut client_r, mut client_w): (CR, CW),
+    (mut backend_r, mut backend_w): (BR, BW),
+    (client_first, backend_first): (Vec<u8>, Vec<u8>),
+    idle: Duration,
+    stop: CancellationToken,
+) -> SpliceStats
+where
+    U: Upstream,
+    D: Downstream,
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Half + Unpin,
+    BR: AsyncRead + Half + Unpin,
+    BW: AsyncWrite + Unpin,
+{
     let start = Instant::now();
     let last = Arc::new(AtomicU64::new(0));
     let touch =
         |last: &AtomicU64| last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     let to_backend = AtomicU64::new(0);
     let to_client = AtomicU64::new(0);
-    let (mut client_r, mut client_w) = tokio::io::split(client);
-    let (mut backend_r, mut backend_w) = tokio::io::split(backend);
+    let zero_copied = AtomicU64::new(0);
     let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(8);
 
     // client -> backend
@@ -236,6 +318,8 @@ pub async fn run<U: Upstream, D: Downstream>(
         let mut out = Vec::new();
         down.push(&backend_first, &mut out);
         let mut replies_open = true;
+        // Open while a long opaque run is being forwarded.
+        let mut pipe: Option<Pipe> = None;
         loop {
             if !out.is_empty() {
                 if write_flushed(&mut client_w, &out).await.is_err() {
@@ -246,6 +330,36 @@ pub async fn run<U: Upstream, D: Downstream>(
             }
             if buf.is_small() {
                 trim(&mut out);
+            }
+            let ahead = down.opaque_ahead();
+            // A long run starts the pipe, which then carries it to its end.
+            let zero_copy = ahead >= ZERO_COPY_MIN || (ahead > 0 && pipe.is_some());
+            if let (true, Some(from), Some(to)) = (zero_copy, backend_r.tcp(), client_w.tcp()) {
+                // Nothing can be due to the client before these bytes: a local reply waits
+                // for a boundary, and `out` is empty.
+                if pipe.is_none() {
+                    // Out of descriptors: the bytes take the copying path below.
+                    pipe = Pipe::new().ok();
+                }
+                if let Some(p) = &pipe {
+                    match p.forward(from, to, ahead).await {
+                        Ok(n) => {
+                            touch(&last);
+                            down.skipped(n as u64);
+                            to_client.fetch_add(n as u64, Ordering::Relaxed);
+                            zero_copied.fetch_add(n as u64, Ordering::Relaxed);
+                            if down.opaque_ahead() == 0 {
+                                pipe = None;
+                            }
+                            continue;
+                        }
+                        Err(Stop::Eof) => {
+                            let _ = client_w.shutdown().await;
+                            return SpliceEnd::Closed;
+                        }
+                        Err(Stop::Io(_)) => return SpliceEnd::Error,
+                    }
+                }
             }
             tokio::select! {
                 reply = reply_rx.recv(), if replies_open && down.at_boundary() => {
@@ -304,6 +418,7 @@ pub async fn run<U: Upstream, D: Downstream>(
     SpliceStats {
         to_backend: to_backend.load(Ordering::Relaxed),
         to_client: to_client.load(Ordering::Relaxed),
+        to_client_zero_copy: zero_copied.load(Ordering::Relaxed),
         end,
     }
 }

@@ -192,9 +192,10 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scheduler {
-    /// One single-threaded runtime per worker thread, each accepting on every listener; a
-    /// connection stays on the thread that accepted it (nginx's model). The default: no
-    /// cross-thread wake-ups on the login path.
+    /// One single-threaded runtime per worker thread, each accepting on its own socket of every
+    /// listener (an `SO_REUSEPORT` group, see `server::listen`); a connection stays on the
+    /// thread that accepted it (nginx's model). The default: no cross-thread wake-ups on the
+    /// login path.
     PerCore,
     /// One shared work-stealing runtime: an idle thread takes over tasks from a busy one, at
     /// the price of waking threads across cores.

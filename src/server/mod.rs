@@ -16,11 +16,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 pub mod limiter;
+pub mod listen;
 pub mod workers;
 
 use crate::authn::Checked;
 use crate::backend::Connector;
-use crate::config::{Config, ListenerTls};
+use crate::config::{Config, ListenerTls, Scheduler};
 use crate::identity::IdentityRules;
 use crate::metrics::{GaugeGuard, ProtoLabels, RefusedLabels};
 use crate::session::{ConnCtx, ListenerCtx, Shared, SharedRef};
@@ -121,6 +122,8 @@ impl Server {
             .as_ref()
             .map(|t| t.handshake_timeout)
             .unwrap_or_default();
+        // Per-core runtimes each accept on their own socket of a group (see `listen`).
+        let reuse_port = config.server.scheduler == Scheduler::PerCore;
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let acceptor = match (&resolver, l.tls) {
@@ -149,12 +152,13 @@ impl Server {
                 handshake_timeout,
             };
             for addr in &l.bind {
-                let socket = TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        addr: *addr,
-                        source,
-                    })?;
+                let socket =
+                    listen::bind(*addr, reuse_port)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            addr: *addr,
+                            source,
+                        })?;
                 listeners.push((socket, ctx.clone()));
             }
         }
@@ -217,7 +221,7 @@ impl Server {
     }
 
     /// [`Server::run`], with every listener also accepted on each of `workers` (per-core
-    /// runtimes, see [`workers`]): each gets its own copy of the listening socket, and the
+    /// runtimes, see [`workers`]): each gets its own socket for it ([`listen::sibling`]), and the
     /// connections it accepts stay on it.
     pub async fn run_on(self, workers: &[tokio::runtime::Handle]) {
         let tracker = TaskTracker::new();
@@ -237,7 +241,7 @@ impl Server {
                 info!(%addr, proto = ctx.protocol.label(), tls = ?ctx.tls, "listening");
             }
             for handle in workers {
-                let copy = match copy_listener(&listener) {
+                let copy = match listen::sibling(&listener) {
                     Ok(copy) => copy,
                     Err(e) => {
                         warn!(error = %e, "cannot share a listener with a worker runtime");
@@ -316,15 +320,6 @@ impl Reloader {
         self.shared.learned.clear();
         Ok(())
     }
-}
-
-/// Another descriptor for the same listening socket (the kernel hands each new connection to
-/// one of the runtimes waiting on it).
-fn copy_listener(listener: &TcpListener) -> std::io::Result<std::net::TcpListener> {
-    use std::os::fd::AsFd as _;
-    let copy = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
-    copy.set_nonblocking(true)?;
-    Ok(copy)
 }
 
 async fn accept_loop(

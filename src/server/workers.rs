@@ -9,6 +9,7 @@
 
 use std::cell::Cell;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +23,23 @@ thread_local! {
 /// runtime whose reactor it is registered with.
 pub fn current() -> usize {
     WORKER.with(Cell::get)
+}
+
+/// How often [`timer_heartbeat`] wakes its runtime.
+const HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// Keeps a timer due within [`HEARTBEAT`] on the calling runtime, forever.
+///
+/// tokio's timer wakes its own driver (an eventfd write, and an extra `epoll_wait` return)
+/// whenever a new deadline is earlier than the one the runtime last went to sleep for. With
+/// only long timers pending (idle timeouts of many minutes), each login's authenticator and
+/// backend timeouts would do that two or three times. With a deadline never more than half a
+/// second away, the second-long timeouts of a login never come first, for the price of two
+/// wake-ups a second per runtime.
+pub async fn timer_heartbeat() {
+    loop {
+        tokio::time::sleep(HEARTBEAT).await;
+    }
 }
 
 /// The runtimes beyond the caller's, each on its own thread.
@@ -51,7 +69,12 @@ impl Workers {
                 .spawn(move || {
                     WORKER.with(|w| w.set(index));
                     // Drives this runtime's reactor, timers and tasks until the server stops.
-                    runtime.block_on(stop.cancelled());
+                    runtime.block_on(async {
+                        tokio::select! {
+                            () = stop.cancelled() => {}
+                            () = timer_heartbeat() => {}
+                        }
+                    });
                     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
                 })?;
             threads.push(thread);

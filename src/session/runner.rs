@@ -115,7 +115,7 @@ where
             })
             .inc_by(n);
     }
-    info!(event = "session_end", account = %LogName(s.account.as_bytes()), to_backend = stats.to_backend, to_client = stats.to_client, end = ?stats.end, "session ended");
+    info!(event = "session_end", account = %LogName(s.account.as_bytes()), to_backend = stats.to_backend, to_client = stats.to_client, zero_copy = stats.to_client_zero_copy, end = ?stats.end, "session ended");
 }
 
 async fn drive<M, BM, B, U, D, F>(

@@ -263,6 +263,28 @@ impl ResponseFramer {
         self.state == ServerState::LineStart && self.held.is_empty()
     }
 
+    /// Bytes of an open literal still to come. `push` passes them on unchanged, so they may
+    /// also reach the client without it (see [`Self::skip_literal`]).
+    pub fn literal_left(&self) -> u64 {
+        match self.state {
+            ServerState::Literal(n) => n,
+            _ => 0,
+        }
+    }
+
+    /// Accounts for `n` literal bytes that went to the client without `push`: the same state
+    /// as pushing them (bytes beyond the open literal are not literal and are ignored).
+    pub fn skip_literal(&mut self, n: u64) {
+        if let ServerState::Literal(left) = self.state {
+            let left = left.saturating_sub(n);
+            self.state = if left == 0 {
+                ServerState::Line
+            } else {
+                ServerState::Literal(left)
+            };
+        }
+    }
+
     /// Processes a chunk from the backend, appending what to send to the client to `out`.
     pub fn push(&mut self, mut input: &[u8], out: &mut Vec<u8>) {
         while !input.is_empty() {
@@ -497,6 +519,50 @@ mod tests {
                 // Whatever was not held at the end was forwarded unchanged.
                 prop_assert!(data.starts_with(&out));
             }
+        }
+
+        /// What the splice relies on for zero-copy bodies: sending the open literal's bytes
+        /// past the framer (`literal_left`, `skip_literal`) gives the client the same bytes
+        /// and leaves the framer where pushing them would have.
+        #[test]
+        fn skipping_literal_bytes_equals_pushing_them(
+            parts in proptest::collection::vec(
+                prop_oneof![
+                    proptest::collection::vec(any::<u8>(), 0..200),
+                    (0usize..3000).prop_map(|n| format!("* 1 FETCH (BODY[] {{{n}}}\r\n").into_bytes()
+                        .into_iter().chain(std::iter::repeat_n(b'x', n)).chain(*b")\r\n").collect()),
+                ],
+                0..8,
+            ),
+            chunk in 1usize..700,
+            skip_share in 1u64..4,
+        ) {
+            let data: Vec<u8> = parts.concat();
+            let mut pushed = ResponseFramer::new();
+            let mut expected = Vec::new();
+            for c in data.chunks(chunk) {
+                pushed.push(c, &mut expected);
+            }
+            let mut skipping = ResponseFramer::new();
+            let mut got = Vec::new();
+            let mut rest = &data[..];
+            while !rest.is_empty() {
+                let left = skipping.literal_left();
+                if left > 0 {
+                    // Part of the literal goes around the framer, as a splice would send it.
+                    let n = (left / skip_share).max(1).min(rest.len() as u64) as usize;
+                    got.extend_from_slice(&rest[..n]);
+                    skipping.skip_literal(n as u64);
+                    rest = &rest[n..];
+                } else {
+                    let n = chunk.min(rest.len());
+                    skipping.push(&rest[..n], &mut got);
+                    rest = &rest[n..];
+                }
+            }
+            prop_assert_eq!(got, expected);
+            prop_assert_eq!(skipping.state, pushed.state);
+            prop_assert_eq!(skipping.at_boundary(), pushed.at_boundary());
         }
     }
 }
