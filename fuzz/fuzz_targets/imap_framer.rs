@@ -1,6 +1,7 @@
 //! Post-login framers. Invariants: no panic; the client framer's decisions do not depend on the
 //! split and it forwards no more than it received; the response framer passes input without
-//! capability lines through unchanged.
+//! capability lines through unchanged, and sending an open literal's bytes around it
+//! (`literal_left`/`skip_literal`, as the zero-copy splice does) gives the client the same bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -42,4 +43,27 @@ fuzz_target!(|data: &[u8]| {
     if !upper.windows(10).any(|w| w == b"CAPABILITY") {
         assert!(input.starts_with(&out));
     }
+
+    // The same input with every literal byte past the first `cut % 7` of each run skipped.
+    let keep = u64::from(data[0] % 7);
+    let mut s = ResponseFramer::new();
+    let mut got = Vec::new();
+    let mut rest = input;
+    while !rest.is_empty() {
+        let left = s.literal_left();
+        let n = if left > keep {
+            let n = usize::try_from(left - keep).unwrap_or(usize::MAX).min(rest.len());
+            got.extend_from_slice(&rest[..n]);
+            s.skip_literal(n as u64);
+            n
+        } else {
+            let n = rest.len().min(cut.max(1));
+            s.push(&rest[..n], &mut got);
+            n
+        };
+        rest = &rest[n..];
+    }
+    let mut whole_out = Vec::new();
+    ResponseFramer::new().push(input, &mut whole_out);
+    assert_eq!(got, whole_out);
 });
