@@ -107,10 +107,7 @@ fn check_config(path: PathBuf) -> anyhow::Result<()> {
 fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     init_logging(&config);
-    let threads = match config.server.worker_threads {
-        0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
-        n => n,
-    };
+    let threads = config.server.threads();
     match config.server.scheduler {
         Scheduler::WorkStealing => {
             let runtime = tokio::runtime::Builder::new_multi_thread()

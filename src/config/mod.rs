@@ -202,6 +202,26 @@ pub enum Scheduler {
     WorkStealing,
 }
 
+impl ServerConfig {
+    /// Worker threads to run: `worker_threads`, or one per core when it is 0.
+    pub fn threads(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            n => n,
+        }
+    }
+
+    /// Runtimes with their own reactor: one per thread with `per-core`, one shared otherwise.
+    /// Connection pools keep one pool per runtime, so a pooled connection is only used by the
+    /// runtime that drives it.
+    pub fn runtimes(&self) -> usize {
+        match self.scheduler {
+            Scheduler::PerCore => self.threads(),
+            Scheduler::WorkStealing => 1,
+        }
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -1113,6 +1133,24 @@ fn warn_if_readable_by_others(_path: &Path) {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runtimes_follow_the_scheduler_and_thread_count() {
+        let per_core = |worker_threads| ServerConfig {
+            worker_threads,
+            ..ServerConfig::default()
+        };
+        assert_eq!(per_core(3).threads(), 3);
+        assert_eq!(per_core(3).runtimes(), 3);
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        assert_eq!(per_core(0).runtimes(), cores);
+        let shared = ServerConfig {
+            worker_threads: 3,
+            scheduler: Scheduler::WorkStealing,
+            ..ServerConfig::default()
+        };
+        assert_eq!((shared.threads(), shared.runtimes()), (3, 1));
+    }
 
     const MINIMAL: &str = r#"
 [[listener]]

@@ -163,6 +163,7 @@ impl Server {
             }
         }
         let config_http = config.http.clone();
+        let runtimes = config.server.runtimes();
         let sasl = crate::authn::sasl_offer(&config.authenticator);
         let shared = Arc::new(Shared {
             config,
@@ -176,7 +177,7 @@ impl Server {
             metrics: Arc::new(crate::metrics::Metrics::new()),
             dnsbl,
             guard,
-            http: crate::session::http::HttpState::new(&config_http),
+            http: crate::session::http::HttpState::new(&config_http, runtimes),
         });
         let admin = admin.map(|l| {
             (

@@ -51,23 +51,29 @@ const MAX_CLIENT_ID: usize = 128;
 /// connections to it.
 const PER_CLIENT_IDLE: usize = 4;
 
-/// The listener-wide HTTP state: the pooled backend client and the positive auth cache.
+/// The listener-wide HTTP state: the pooled backend clients and the positive auth cache.
 pub struct HttpState {
-    client: Client<HttpConnector, Body>,
+    /// One pooled client per runtime (see [`HttpState::client`]).
+    clients: Vec<Client<HttpConnector, Body>>,
     cache: Option<moka::sync::Cache<[u8; 32], Arc<str>>>,
     cache_key: [u8; 32],
 }
 
 impl HttpState {
-    pub fn new(cfg: &HttpConfig) -> Self {
+    /// `runtimes`: how many runtimes serve the listener (`ServerConfig::runtimes`).
+    pub fn new(cfg: &HttpConfig, runtimes: usize) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(cfg.backend_pool_idle)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        let clients = (0..runtimes.max(1))
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(30))
+                    .pool_max_idle_per_host(cfg.backend_pool_idle)
+                    .pool_timer(TokioTimer::new())
+                    .build(connector.clone())
+            })
+            .collect();
         let cache = (!cfg.auth_cache_ttl.is_zero()).then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(100_000)
@@ -75,10 +81,18 @@ impl HttpState {
                 .build()
         });
         Self {
-            client,
+            clients,
             cache,
             cache_key: rand::random(),
         }
+    }
+
+    /// The calling runtime's client. A pooled backend connection is driven by a task on the
+    /// runtime that opened it; sharing one pool across per-core runtimes would make every
+    /// other runtime's requests wake that thread (as the authenticator's pool avoids too).
+    fn client(&self) -> &Client<HttpConnector, Body> {
+        let i = crate::server::workers::current() % self.clients.len();
+        &self.clients[i]
     }
 
     /// The name a bearer token's failures are counted under by the guard: `bearer-` and 16 hex
@@ -839,7 +853,7 @@ async fn forward(
     let upstream = Request::from_parts(parts, body);
     let timeout = shared.config.http.backend_timeout;
     let mut resp = match &state.own {
-        None => tokio::time::timeout(timeout, shared.http.client.request(upstream))
+        None => tokio::time::timeout(timeout, shared.http.client().request(upstream))
             .await
             .map_err(|_| ForwardError::Timeout)??,
         Some(own) => tokio::time::timeout(timeout, send_own(state, own, upstream))
