@@ -320,6 +320,8 @@ where
         let mut replies_open = true;
         // Open while a long opaque run is being forwarded.
         let mut pipe: Option<Pipe> = None;
+        // A pipe could not be made (out of descriptors): copy until the next response.
+        let mut no_pipe = false;
         loop {
             if !out.is_empty() {
                 if write_flushed(&mut client_w, &out).await.is_err() {
@@ -333,13 +335,18 @@ where
             }
             let ahead = down.opaque_ahead();
             // A long run starts the pipe, which then carries it to its end.
-            let zero_copy = ahead >= ZERO_COPY_MIN || (ahead > 0 && pipe.is_some());
+            if ahead == 0 {
+                no_pipe = false;
+            }
+            let zero_copy = !no_pipe && (ahead >= ZERO_COPY_MIN || (ahead > 0 && pipe.is_some()));
             if let (true, Some(from), Some(to)) = (zero_copy, backend_r.tcp(), client_w.tcp()) {
                 // Nothing can be due to the client before these bytes: a local reply waits
                 // for a boundary, and `out` is empty.
                 if pipe.is_none() {
-                    // Out of descriptors: the bytes take the copying path below.
+                    // Out of descriptors: the bytes take the copying path below, without a
+                    // new attempt for every read of this body.
                     pipe = Pipe::new().ok();
+                    no_pipe = pipe.is_none();
                 }
                 if let Some(p) = &pipe {
                     match p.forward(from, to, ahead).await {
