@@ -777,6 +777,10 @@ fn both_schedulers_serve_concurrent_logins_and_per_core_uses_every_runtime() {
                     Client::imap(port)
                         .tls("implicit", &dev_ca())
                         .login("alice", "alice-password")
+                        // Twenty Argon2id checks and master logins at once on a CI machine
+                        // busy with the other tests: allow more than the default 10 s.
+                        .arg("--timeout")
+                        .arg("30")
                         .actions(&["select", "logout"])
                         .run()
                 })
