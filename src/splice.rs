@@ -218,7 +218,10 @@ impl Downstream for ResponseFramer {
 /// [`Passthrough`]). `client_first` goes to the backend and `backend_first` to the client before
 /// anything else (bytes already read during login). `stop` ends the splice (the server fires it
 /// when the shutdown grace period is over).
-pub async fn run<U: Upstream, D: Downstream>(
+///
+/// A plain `fn` returning the session's future: an `async fn` keeps a second copy of its
+/// arguments, and every idle connection would pay for it.
+pub fn run<U: Upstream, D: Downstream>(
     filters: (U, D),
     client: Conn,
     backend: Conn,
@@ -226,28 +229,26 @@ pub async fn run<U: Upstream, D: Downstream>(
     backend_first: Vec<u8>,
     idle: Duration,
     stop: CancellationToken,
-) -> SpliceStats {
-    let first = (client_first, backend_first);
-    match (client, backend) {
+) -> impl std::future::Future<Output = SpliceStats> {
+    let (mut up, mut down) = filters;
+    let (mut client, mut backend) = (client, backend);
+    async move {
+        let first = (client_first, backend_first);
         // Both cleartext: halves that borrow the sockets, so opaque runs can be spliced.
-        (Conn::Plain(mut client), Conn::Plain(mut backend)) => {
-            let client = client.split();
-            let backend = backend.split();
-            pump(filters, client, backend, first, idle, stop).await
+        if let (Conn::Plain(c), Conn::Plain(b)) = (&mut client, &mut backend) {
+            let legs = (c.split(), b.split());
+            return pump(&mut up, &mut down, legs, first, idle, stop).await;
         }
-        (client, backend) => {
-            let client = tokio::io::split(client);
-            let backend = tokio::io::split(backend);
-            pump(filters, client, backend, first, idle, stop).await
-        }
+        let legs = (tokio::io::split(client), tokio::io::split(backend));
+        pump(&mut up, &mut down, legs, first, idle, stop).await
     }
 }
 
 /// [`run`] over split legs.
 async fn pump<U, D, CR, CW, BR, BW>(
-    (mut up, mut down): (U, D),
-    (mut client_r, mut client_w): (CR, CW),
-    (mut backend_r, mut backend_w): (BR, BW),
+    up: &mut U,
+    down: &mut D,
+    ((mut client_r, mut client_w), (mut backend_r, mut backend_w)): ((CR, CW), (BR, BW)),
     (client_first, backend_first): (Vec<u8>, Vec<u8>),
     idle: Duration,
     stop: CancellationToken,
@@ -269,8 +270,10 @@ where
     let zero_copied = AtomicU64::new(0);
     let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(8);
 
+    // Pinned where they are made (not moved into the select below), so the session's task
+    // holds each direction's state once: an idle connection pays for its task's size.
     // client -> backend
-    let upstream = async {
+    let mut upstream = std::pin::pin!(async {
         let mut buf = AdaptiveBuf::new();
         let mut pending = client_first;
         loop {
@@ -310,10 +313,10 @@ where
                 Err(_) => return SpliceEnd::Error,
             }
         }
-    };
+    });
 
     // backend -> client
-    let downstream = async {
+    let mut downstream = std::pin::pin!(async {
         let mut buf = AdaptiveBuf::new();
         let mut out = Vec::new();
         down.push(&backend_first, &mut out);
@@ -389,7 +392,7 @@ where
                 }
             }
         }
-    };
+    });
 
     let idle_watch = async {
         loop {
@@ -404,8 +407,6 @@ where
 
     let end = tokio::select! {
         end = async {
-            tokio::pin!(upstream);
-            tokio::pin!(downstream);
             tokio::select! {
                 e = &mut upstream => match e {
                     // The client finished sending (a script piping `LOGOUT` or `QUIT` and

@@ -400,7 +400,9 @@ async fn accept_loop(
                 .as_ref()
                 .filter(|_| !shared.guard.allowlisted(client.ip()))
             {
-                if let Some(listing) = dnsbl.check(client.ip(), &shared.metrics).await {
+                // Boxed: the task would otherwise keep the lookup's state for the whole session.
+                let listing = Box::pin(dnsbl.check(client.ip(), &shared.metrics)).await;
+                if let Some(listing) = listing {
                     info!(event = "dnsbl", peer = %client, score = listing.score, zones = ?listing.zones, "client listed; closing without greeting");
                     shared
                         .metrics

@@ -10,14 +10,14 @@ use crate::proto::imap::{ImapLimits, PreAuth, PreAuthOptions};
 use crate::stream::Conn;
 use crate::Protocol;
 
-/// Runs one IMAP connection to its end.
-pub async fn run(
+/// Runs one IMAP connection to its end (a plain `fn`, for the reason given at [`runner::run`]).
+pub fn run(
     shared: SharedRef,
     listener: ListenerCtx,
     ctx: ConnCtx,
     conn: Conn,
     tls: Option<TlsInfo>,
-) {
+) -> impl std::future::Future<Output = ()> {
     let l = &shared.config.limits;
     let limits = ImapLimits {
         line_max: l.imap_line_max,
@@ -43,5 +43,5 @@ pub async fn run(
         },
         filters: || (CommandFramer::new(), ResponseFramer::new()),
     };
-    runner::run(shared, listener, ctx, conn, tls, plug).await;
+    runner::run(shared, listener, ctx, conn, tls, plug)
 }

@@ -10,14 +10,14 @@ use crate::splice::Passthrough;
 use crate::stream::Conn;
 use crate::Protocol;
 
-/// Runs one POP3 connection to its end.
-pub async fn run(
+/// Runs one POP3 connection to its end (a plain `fn`, for the reason given at [`runner::run`]).
+pub fn run(
     shared: SharedRef,
     listener: ListenerCtx,
     ctx: ConnCtx,
     conn: Conn,
     tls: Option<TlsInfo>,
-) {
+) -> impl std::future::Future<Output = ()> {
     let l = &shared.config.limits;
     let machine = Pop3PreAuth::new(Pop3Options {
         tls: conn.is_tls(),
@@ -36,5 +36,5 @@ pub async fn run(
         },
         filters: || (Passthrough, Passthrough),
     };
-    runner::run(shared, listener, ctx, conn, tls, plug).await;
+    runner::run(shared, listener, ctx, conn, tls, plug)
 }

@@ -40,14 +40,18 @@ enum Exit {
 }
 
 /// Runs one connection to its end.
-pub async fn run<M, BM, B, U, D, F>(
+///
+/// Not an `async fn`: its arguments would stay in the session's task for its whole life. They
+/// go into the boxed pre-login phase here, and the returned future holds two pointers.
+pub fn run<M, BM, B, U, D, F>(
     shared: SharedRef,
     listener: ListenerCtx,
     ctx: ConnCtx,
     conn: Conn,
     tls: Option<TlsInfo>,
     plug: Plug<M, B, F>,
-) where
+) -> impl std::future::Future<Output = ()>
+where
     M: PreLogin,
     BM: BackendMachine,
     B: Fn(&Connector, &str, BackendService) -> BM,
@@ -56,13 +60,16 @@ pub async fn run<M, BM, B, U, D, F>(
     F: FnOnce() -> (U, D),
 {
     let span = tracing::info_span!("session", proto = plug.protocol.label(), peer = %ctx.client, session = %ctx.session_id, worker = crate::server::workers::current());
-    // Two boxed phases, so that a logged-in session holds only the splice's state: the task
-    // keeps its largest state for its whole life, and the pre-login phase is the larger one.
-    let logged_in = Box::pin(drive(shared.clone(), listener, ctx, conn, tls, plug))
-        .instrument(span.clone())
-        .await;
-    if let Some(session) = logged_in {
-        Box::pin(splice(shared, session)).instrument(span).await;
+    // Two boxed phases (the splice boxes its own), so that a logged-in session holds only the
+    // splice's state: the task keeps its largest state for its whole life, and the pre-login
+    // phase is the larger one.
+    let prelogin =
+        Box::pin(drive(shared.clone(), listener, ctx, conn, tls, plug)).instrument(span.clone());
+    async move {
+        let Some(session) = prelogin.await else {
+            return;
+        };
+        splice(shared, session).instrument(span).await;
     }
 }
 
@@ -81,41 +88,57 @@ struct LoggedIn<F> {
     _slot: crate::guard::SessionPermit,
 }
 
-async fn splice<U, D, F>(shared: SharedRef, s: LoggedIn<F>)
+/// Splices a logged-in session, then counts and logs it. A plain `fn` like [`run`]: the
+/// returned future holds each part of the session once.
+fn splice<U, D, F>(shared: SharedRef, s: LoggedIn<F>) -> impl std::future::Future<Output = ()>
 where
     U: Upstream,
     D: Downstream,
     F: FnOnce() -> (U, D),
 {
-    let protocol = s.protocol;
-    let labels = ProtoLabels {
-        protocol: protocol.label(),
-    };
-    let _spliced = GaugeGuard::new(&shared.metrics.sessions_spliced.get_or_create(&labels));
-    let stats = crate::splice::run(
-        (s.filters)(),
-        s.client,
-        s.backend,
-        s.client_first,
-        s.backend_first,
+    let LoggedIn {
+        protocol,
+        account,
+        client,
+        backend,
+        client_first,
+        backend_first,
+        filters,
+        _slot: slot,
+    } = s;
+    let spliced = GaugeGuard::new(
+        &shared.metrics.sessions_spliced.get_or_create(&ProtoLabels {
+            protocol: protocol.label(),
+        }),
+    );
+    // Boxed: awaiting a captured future would move it, and the task would hold it twice.
+    let spliced_session = Box::pin(crate::splice::run(
+        filters(),
+        client,
+        backend,
+        client_first,
+        backend_first,
         shared.config.limits.session_idle,
         shared.hard_stop.clone(),
-    )
-    .await;
-    for (direction, n) in [
-        ("to_backend", stats.to_backend),
-        ("to_client", stats.to_client),
-    ] {
-        shared
-            .metrics
-            .bytes
-            .get_or_create(&BytesLabels {
-                protocol: protocol.label(),
-                direction,
-            })
-            .inc_by(n);
+    ));
+    async move {
+        let stats = spliced_session.await;
+        drop((spliced, slot));
+        for (direction, n) in [
+            ("to_backend", stats.to_backend),
+            ("to_client", stats.to_client),
+        ] {
+            shared
+                .metrics
+                .bytes
+                .get_or_create(&BytesLabels {
+                    protocol: protocol.label(),
+                    direction,
+                })
+                .inc_by(n);
+        }
+        info!(event = "session_end", account = %LogName(account.as_bytes()), to_backend = stats.to_backend, to_client = stats.to_client, zero_copy = stats.to_client_zero_copy, end = ?stats.end, "session ended");
     }
-    info!(event = "session_end", account = %LogName(s.account.as_bytes()), to_backend = stats.to_backend, to_client = stats.to_client, zero_copy = stats.to_client_zero_copy, end = ?stats.end, "session ended");
 }
 
 async fn drive<M, BM, B, U, D, F>(

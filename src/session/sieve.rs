@@ -20,8 +20,13 @@ pub async fn run(
     conn: Conn,
     tls: Option<TlsInfo>,
 ) {
-    let learned =
-        super::learned_capabilities(&shared, Protocol::ManageSieve, |_, _| SieveProbe::new()).await;
+    // Boxed: this task keeps its largest state for the life of the session.
+    let learned = Box::pin(super::learned_capabilities(
+        &shared,
+        Protocol::ManageSieve,
+        |_, _| SieveProbe::new(),
+    ))
+    .await;
     let capabilities: Vec<Capability> = match learned {
         Some(caps) => caps.iter().map(|c| capability_from_string(c)).collect(),
         None => default_capabilities(),

@@ -20,9 +20,12 @@ pub async fn run(
     conn: Conn,
     tls: Option<TlsInfo>,
 ) {
-    let learned = super::learned_capabilities(&shared, Protocol::Submission, |c, service| {
-        c.smtp_probe(service)
-    })
+    // Boxed: this task keeps its largest state for the life of the session.
+    let learned = Box::pin(super::learned_capabilities(
+        &shared,
+        Protocol::Submission,
+        |c, service| c.smtp_probe(service),
+    ))
     .await;
     let keywords = match learned {
         Some(k) => client_keywords(&k),
