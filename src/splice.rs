@@ -5,26 +5,34 @@
 //! whose answers carry no tag, puts its refusals in the backend's own answer order instead; see
 //! `proto::sieve`).
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::Mutex;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::proto::imap::framer::{ClientOutput, CommandFramer, ResponseFramer};
 use crate::stream::Conn;
 use crate::zerocopy::{Pipe, Stop};
 
-/// Smallest read buffer per direction: what an idle session holds. IMAP IDLE updates and
-/// interactive answers fit; anything bigger grows the buffer within a few reads.
+/// Smallest read per direction. IMAP IDLE updates and interactive answers fit; anything bigger
+/// grows the reads within a few.
 const BUF_MIN: usize = 512;
-/// Largest read buffer per direction, for bulk transfers. A plain socket fills it in one read
-/// (fewer, larger reads and writes for a mailbox download); over TLS a read returns about one
-/// 16 KiB record, so TLS sessions settle at 16–32 KiB.
+/// Largest read per direction (and the size of the per-thread read buffer), for bulk
+/// transfers. A plain socket fills it in one read (fewer, larger reads and writes for a mailbox
+/// download); over TLS a read returns about one 16 KiB record, so TLS sessions settle at
+/// 16–32 KiB.
 const BUF_MAX: usize = 64 * 1024;
+
+/// Local replies that may wait for a response boundary before the client stops being read.
+const REPLIES_QUEUED_MAX: usize = 8;
 
 /// How long the backend may keep answering after the client closed its sending side.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -33,37 +41,36 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// legs are cleartext (see `zerocopy`); shorter ones are not worth a pipe.
 const ZERO_COPY_MIN: u64 = 16 * 1024;
 
-/// A read buffer that grows while reads fill it (a download) and shrinks back after a few
-/// small reads (an idle or interactive session), so thousands of idle IMAP IDLE sessions do
-/// not each pin 128 KiB.
+/// How much one read asks for: grows while reads fill it (a download) and shrinks back after a
+/// few small reads (an idle or interactive session).
 #[derive(Debug)]
-struct AdaptiveBuf {
-    buf: Vec<u8>,
+struct ReadSize {
+    len: usize,
     small_reads: u8,
 }
 
-impl AdaptiveBuf {
+impl ReadSize {
     fn new() -> Self {
         Self {
-            buf: vec![0; BUF_MIN],
+            len: BUF_MIN,
             small_reads: 0,
         }
     }
 
-    fn space(&mut self) -> &mut [u8] {
-        &mut self.buf
+    fn get(&self) -> usize {
+        self.len
     }
 
     /// Adapts the size after a read of `n` bytes.
     fn filled(&mut self, n: usize) {
-        let len = self.buf.len();
+        let len = self.len;
         if n == len && len < BUF_MAX {
-            self.buf = vec![0; (len * 2).min(BUF_MAX)];
+            self.len = (len * 2).min(BUF_MAX);
             self.small_reads = 0;
         } else if n <= len / 4 && len > BUF_MIN {
             self.small_reads += 1;
             if self.small_reads >= 4 {
-                self.buf = vec![0; (len / 2).max(BUF_MIN)];
+                self.len = (len / 2).max(BUF_MIN);
                 self.small_reads = 0;
             }
         } else {
@@ -73,8 +80,48 @@ impl AdaptiveBuf {
 
     /// Whether the last reads were small: output vectors may give memory back too.
     fn is_small(&self) -> bool {
-        self.buf.len() == BUF_MIN
+        self.len == BUF_MIN
     }
+}
+
+thread_local! {
+    /// The read buffer of every session this thread runs. A read's bytes are handed on (to
+    /// the framer's output or the pending input) within the poll that read them, so between
+    /// reads, which is nearly always for an idle session, a session holds no read buffer.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Reads at most `max` bytes (up to [`BUF_MAX`]) from `r` and gives them to `take` before
+/// returning their count; 0 is the end of the stream.
+async fn read_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    mut take: impl FnMut(&[u8]),
+) -> std::io::Result<usize> {
+    let max = max.min(BUF_MAX);
+    std::future::poll_fn(|cx| {
+        let mut poll = |space: &mut [u8]| {
+            let mut rb = ReadBuf::new(&mut space[..max]);
+            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    take(rb.filled());
+                    Poll::Ready(Ok(rb.filled().len()))
+                }
+                other => other.map(|r| r.map(|()| 0)),
+            }
+        };
+        SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut space) => {
+                if space.len() < BUF_MAX {
+                    space.resize(BUF_MAX, 0);
+                }
+                poll(&mut space)
+            }
+            // Nothing polls a session from inside a read; should it ever, a buffer of its own.
+            Err(_) => poll(&mut vec![0; max]),
+        })
+    })
+    .await
 }
 
 /// Writes all of `bytes` and flushes: tokio-rustls accepts bytes it could not yet send when the
@@ -88,9 +135,9 @@ async fn write_flushed<W: tokio::io::AsyncWrite + Unpin>(
     w.flush().await
 }
 
-/// Gives back the memory of a large, now empty, output vector.
+/// Gives back the memory of an empty vector (an idle session holds none).
 fn trim(v: &mut Vec<u8>) {
-    if v.is_empty() && v.capacity() > BUF_MIN {
+    if v.is_empty() && v.capacity() > 0 {
         *v = Vec::new();
     }
 }
@@ -244,6 +291,44 @@ pub fn run<U: Upstream, D: Downstream>(
     }
 }
 
+/// Local replies waiting for a response boundary, shared by the two directions of one session.
+#[derive(Default)]
+struct Replies {
+    queue: Mutex<VecDeque<Vec<u8>>>,
+    /// A reply was queued.
+    ready: Notify,
+    /// The queue has room again.
+    room: Notify,
+}
+
+impl Replies {
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Vec<u8>>> {
+        // Never held across an await or a panic-prone call; a poisoned lock's data is intact.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a reply, waiting while the queue is full (the client stops being read).
+    async fn push(&self, reply: Vec<u8>) {
+        while self.queue().len() >= REPLIES_QUEUED_MAX {
+            self.room.notified().await;
+        }
+        self.queue().push_back(reply);
+        self.ready.notify_one();
+    }
+
+    /// Appends every queued reply to `out` (call at a response boundary).
+    fn take_into(&self, out: &mut Vec<u8>) {
+        let mut queue = self.queue();
+        if queue.is_empty() {
+            return;
+        }
+        for reply in queue.drain(..) {
+            out.extend_from_slice(&reply);
+        }
+        self.room.notify_one();
+    }
+}
+
 /// [`run`] over split legs.
 async fn pump<U, D, CR, CW, BR, BW>(
     up: &mut U,
@@ -262,19 +347,21 @@ where
     BW: AsyncWrite + Unpin,
 {
     let start = Instant::now();
-    let last = Arc::new(AtomicU64::new(0));
+    let last = AtomicU64::new(0);
     let touch =
         |last: &AtomicU64| last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     let to_backend = AtomicU64::new(0);
     let to_client = AtomicU64::new(0);
     let zero_copied = AtomicU64::new(0);
-    let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(8);
+    // Local replies from the client side, for the client at the next response boundary. Both
+    // directions run in this one task: a queue and two wake-ups, nothing allocated up front.
+    let replies = Replies::default();
 
     // Pinned where they are made (not moved into the select below), so the session's task
     // holds each direction's state once: an idle connection pays for its task's size.
     // client -> backend
     let mut upstream = std::pin::pin!(async {
-        let mut buf = AdaptiveBuf::new();
+        let mut size = ReadSize::new();
         let mut pending = client_first;
         loop {
             if !pending.is_empty() {
@@ -284,9 +371,7 @@ where
                     return SpliceEnd::ClientAbuse;
                 }
                 for reply in out.replies {
-                    if reply_tx.send(reply).await.is_err() {
-                        return SpliceEnd::Closed;
-                    }
+                    replies.push(reply).await;
                 }
                 if !out.forward.is_empty() {
                     // Flushed: a TLS stream may keep records it could not write yet, and
@@ -297,18 +382,20 @@ where
                     to_backend.fetch_add(out.forward.len() as u64, Ordering::Relaxed);
                 }
             }
-            if buf.is_small() {
+            if size.is_small() {
                 trim(&mut pending);
             }
-            match client_r.read(buf.space()).await {
+            let read = read_into(&mut client_r, size.get(), |bytes| {
+                pending.extend_from_slice(bytes);
+            });
+            match read.await {
                 Ok(0) => {
                     let _ = backend_w.shutdown().await;
                     return SpliceEnd::Closed;
                 }
                 Ok(n) => {
                     touch(&last);
-                    pending.extend_from_slice(&buf.space()[..n]);
-                    buf.filled(n);
+                    size.filled(n);
                 }
                 Err(_) => return SpliceEnd::Error,
             }
@@ -317,15 +404,17 @@ where
 
     // backend -> client
     let mut downstream = std::pin::pin!(async {
-        let mut buf = AdaptiveBuf::new();
+        let mut size = ReadSize::new();
         let mut out = Vec::new();
         down.push(&backend_first, &mut out);
-        let mut replies_open = true;
         // Open while a long opaque run is being forwarded.
         let mut pipe: Option<Pipe> = None;
         // A pipe could not be made (out of descriptors): copy until the next response.
         let mut no_pipe = false;
         loop {
+            if down.at_boundary() {
+                replies.take_into(&mut out);
+            }
             if !out.is_empty() {
                 if write_flushed(&mut client_w, &out).await.is_err() {
                     return SpliceEnd::Error;
@@ -333,7 +422,7 @@ where
                 to_client.fetch_add(out.len() as u64, Ordering::Relaxed);
                 out.clear();
             }
-            if buf.is_small() {
+            if size.is_small() {
                 trim(&mut out);
             }
             let ahead = down.opaque_ahead();
@@ -372,21 +461,15 @@ where
                 }
             }
             tokio::select! {
-                reply = reply_rx.recv(), if replies_open && down.at_boundary() => {
-                    match reply {
-                        Some(reply) => out.extend_from_slice(&reply),
-                        None => replies_open = false,
-                    }
-                }
-                r = backend_r.read(buf.space()) => match r {
+                () = replies.ready.notified(), if down.at_boundary() => {}
+                r = read_into(&mut backend_r, size.get(), |bytes| down.push(bytes, &mut out)) => match r {
                     Ok(0) => {
                         let _ = client_w.shutdown().await;
                         return SpliceEnd::Closed;
                     }
                     Ok(n) => {
                         touch(&last);
-                        down.push(&buf.space()[..n], &mut out);
-                        buf.filled(n);
+                        size.filled(n);
                     }
                     Err(_) => return SpliceEnd::Error,
                 }
@@ -434,22 +517,101 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    /// More local replies than the queue holds, asked while a backend response is half sent:
+    /// they wait for its end, arrive in order, and the client is read again once they drain.
+    #[tokio::test]
+    async fn local_replies_wait_for_the_response_boundary_in_order() {
+        let (mut client, client_leg) = pair().await;
+        let (backend_leg, mut backend) = pair().await;
+        let session = tokio::spawn(run(
+            (CommandFramer::new(), ResponseFramer::new()),
+            Conn::Plain(client_leg),
+            Conn::Plain(backend_leg),
+            Vec::new(),
+            Vec::new(),
+            Duration::from_secs(30),
+            CancellationToken::new(),
+        ));
+        // The backend starts a response with a literal and stops in the middle of it.
+        backend
+            .write_all(b"* 1 FETCH (BODY[] {10}\r\n01234")
+            .await
+            .unwrap();
+        let head = b"* 1 FETCH (BODY[] {10}\r\n01234";
+        let mut got = vec![0u8; head.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, head);
+        let n = 3 * REPLIES_QUEUED_MAX;
+        let mut asked = Vec::new();
+        for i in 0..n {
+            asked.extend_from_slice(format!("u{i} UNAUTHENTICATE\r\n").as_bytes());
+        }
+        asked.extend_from_slice(b"z NOOP\r\n");
+        client.write_all(&asked).await.unwrap();
+        // Nothing of the refusals reaches the client inside the literal, and the NOOP behind
+        // them waits until the queue has room.
+        let mut early = [0u8; 64];
+        let read = client.read(&mut early);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), read)
+                .await
+                .is_err(),
+            "a reply came out inside the literal"
+        );
+        let mut noop = [0u8; 8];
+        let read = backend.read_exact(&mut noop);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), read)
+                .await
+                .is_err(),
+            "the client was read past a full queue"
+        );
+        backend.write_all(b"56789)\r\n").await.unwrap();
+        let mut want = b"56789)\r\n".to_vec();
+        for i in 0..n {
+            want.extend_from_slice(
+                format!("u{i} NO [CANNOT] UNAUTHENTICATE is not available\r\n").as_bytes(),
+            );
+        }
+        let mut all = vec![0u8; want.len()];
+        client.read_exact(&mut all).await.unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&all),
+            String::from_utf8_lossy(&want)
+        );
+        backend.read_exact(&mut noop).await.unwrap();
+        assert_eq!(&noop, b"z NOOP\r\n");
+        drop(client);
+        drop(backend);
+        let stats = session.await.unwrap();
+        assert_eq!(stats.to_backend, 8);
+    }
 
     #[test]
-    fn buffers_grow_for_bulk_and_shrink_when_idle() {
-        let mut b = AdaptiveBuf::new();
-        assert_eq!(b.space().len(), BUF_MIN);
-        while b.space().len() < BUF_MAX {
-            let n = b.space().len();
+    fn reads_grow_for_bulk_and_shrink_when_idle() {
+        let mut b = ReadSize::new();
+        assert_eq!(b.get(), BUF_MIN);
+        while b.get() < BUF_MAX {
+            let n = b.get();
             b.filled(n);
         }
-        assert_eq!(b.space().len(), BUF_MAX);
+        assert_eq!(b.get(), BUF_MAX);
         for _ in 0..3 {
             b.filled(10);
         }
-        assert_eq!(b.space().len(), BUF_MAX, "three small reads keep the size");
+        assert_eq!(b.get(), BUF_MAX, "three small reads keep the size");
         b.filled(10);
-        assert_eq!(b.space().len(), BUF_MAX / 2);
+        assert_eq!(b.get(), BUF_MAX / 2);
         // Four small reads per halving, down to the floor.
         let halvings = (BUF_MAX / 2 / BUF_MIN).trailing_zeros() as usize;
         for _ in 0..4 * halvings {
