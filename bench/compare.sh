@@ -13,7 +13,7 @@
 #   --protos "LIST"  login protocols (default "imap pop3 smtp"; pop3/smtp at --conc-other)
 #   --conc-other "L" concurrencies for pop3/smtp (default "16")
 #   --only "LIST"    any of login,fetch,append,idle,http (default all)
-#   --idle N         idle connections per contestant (default 1000)
+#   --idle N         idle connections per contestant (default 3000; Dovecot allows 4096)
 #   --reps N         interleaved repetitions; tables show medians (default 1)
 #   --leak S         also run an S-second TLS login loop at c=16 against Portcullis, sampling RSS
 #   --no-write       print only, do not touch bench/RESULTS.md
@@ -27,7 +27,7 @@ cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
 DURATION=10 CONC="1 16 64" PROTOS="imap pop3 smtp" CONC_OTHER="16" ONLY="login,fetch,append,idle,http"
-IDLE_N=1000 REPS=1 LEAK=0 WRITE=1 KEEP=0 SCHEDULER=per-core
+IDLE_N=3000 REPS=1 LEAK=0 WRITE=1 KEEP=0 SCHEDULER=per-core
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION=$2; shift 2 ;;
@@ -262,9 +262,12 @@ $(ng_server "$P_N_SMTP" smtp "" "proxy_smtp_auth on; xclient off;")
 $(ng_server "$P_N_SMTPS" smtp 1 "proxy_smtp_auth on; xclient off;")
 }
 EOF
-nginx -p "$N" -e "$N/error.log" -c "$N/nginx.conf" -g 'daemon off;' &
-NGINX_PID=$!
-PIDS+=($NGINX_PID)
+start_nginx() {
+  nginx -p "$N" -e "$N/error.log" -c "$N/nginx.conf" -g 'daemon off;' &
+  NGINX_PID=$!
+  PIDS+=($NGINX_PID)
+}
+start_nginx
 
 # ---- Portcullis ------------------------------------------------------------------------------
 P=$T/portcullis
@@ -326,13 +329,32 @@ per_ip_new_per_minute = 10000000
 level = "warn"
 EOF
 "$PORTCULLIS" check-config --config "$P/portcullis.toml" >/dev/null
-"$PORTCULLIS" run --config "$P/portcullis.toml" 2>"$P/portcullis.log" &
-PORTCULLIS_PID=$!
-PIDS+=($PORTCULLIS_PID)
-
-wait_port "$P_N_IMAP" nginx || { cat "$N/error.log"; exit 1; }
-wait_port "$P_P_IMAP" portcullis || { cat "$P/portcullis.log"; exit 1; }
-NGINX_PIDS=$(echo "$NGINX_PID" $(pgrep -P "$NGINX_PID") | tr ' ' ',')
+start_portcullis() {
+  "$PORTCULLIS" run --config "$P/portcullis.toml" 2>>"$P/portcullis.log" &
+  PORTCULLIS_PID=$!
+  PIDS+=($PORTCULLIS_PID)
+}
+start_portcullis
+started() { # who: waits for its listener and notes its processes
+  case "$1" in
+    nginx)
+      wait_port "$P_N_IMAP" nginx || { cat "$N/error.log"; exit 1; }
+      NGINX_PIDS=$(echo "$NGINX_PID" $(pgrep -P "$NGINX_PID") | tr ' ' ',') ;;
+    portcullis) wait_port "$P_P_IMAP" portcullis || { cat "$P/portcullis.log"; exit 1; } ;;
+  esac
+}
+started nginx
+started portcullis
+# A fresh process for the idle cells: one that has served other cells hands their freed memory
+# to the new connections, and its RSS then hardly grows.
+restart() { # who
+  local pid
+  case "$1" in nginx) pid=$NGINX_PID ;; portcullis) pid=$PORTCULLIS_PID ;; esac
+  kill -TERM "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  case "$1" in nginx) start_nginx ;; portcullis) start_portcullis ;; esac
+  started "$1"
+}
 
 # ---- running the cells -----------------------------------------------------------------------
 RAW=$T/results.jsonl
@@ -433,6 +455,11 @@ for REP in $(seq 1 "$REPS"); do
     for s in 0 1; do
       echo "== rep $REP idle IMAP connections: $IDLE_N, tls=$s"
       for who in nginx portcullis; do
+        restart "$who"
+        # The same warm-up for both: one second of logins of the cell's kind.
+        "$LOADGEN" login --proto imap --addr "127.0.0.1:$(addr "$who" imap "$s")" $([ "$s" = 1 ] && echo --tls) \
+          --users "$USERS" --password "$PASSWORD" -c 4 -t 1 >/dev/null || true
+        sleep 1
         run idle "$who" imap "$s" "$(addr "$who" imap "$s")" -n "$IDLE_N" --hold 3
         sleep 3
       done

@@ -152,21 +152,20 @@ idle = sorted({k[2] for k in cells if k[0] == "idle"})
 if idle:
     p("### Idle authenticated IMAP connections (SELECT INBOX, then IDLE)")
     p("")
-    p("RSS growth of the proxy's processes divided by the connections, from the first repetition. A")
-    p("process keeps memory that closed connections used and hands it out again, so a later")
-    p("repetition measures that reuse rather than what a connection needs (nginx, which never gives")
-    p("memory back, then shows almost 0). Later repetitions are listed after the slash.")
+    p("RSS growth of the proxy's processes divided by the connections. Each cell starts the proxy")
+    p("afresh and warms it with one second of logins of the same kind (a process that served other")
+    p("cells would hand their freed memory to the new connections and hardly grow). Median over the")
+    p("repetitions; the single repetitions follow in brackets.")
     p("")
     p("| TLS | connections | nginx KiB/conn | Portcullis KiB/conn | P/nginx |")
     p("|---|---|---|---|---|")
     for tls in idle:
         k = lambda who: ("idle", "imap", tls, None, who)
         by_rep = lambda key: [r["proxy_kib_per_connection"] for r in sorted(cells.get(key, []), key=lambda r: r.get("rep", 1)) if "proxy_kib_per_connection" in r]
-        first = lambda key: (by_rep(key) or [None])[0]
-        later = lambda key: "".join(f" / {v:.1f}" for v in by_rep(key)[1:])
-        n, pc = first(k("nginx")), first(k("portcullis"))
+        reps = lambda key: " (" + ", ".join(f"{v:.1f}" for v in by_rep(key)) + ")" if len(by_rep(key)) > 1 else ""
+        n, pc = med(k("nginx"), "proxy_kib_per_connection"), med(k("portcullis"), "proxy_kib_per_connection")
         conns = med(k("portcullis"), "connections")
-        p(f"| {'yes' if tls else 'no'} | {fmt(conns)} | {fmt(n, 1)}{later(k('nginx'))} | {fmt(pc, 1)}{later(k('portcullis'))} | {rfmt(ratio(pc, n))} |")
+        p(f"| {'yes' if tls else 'no'} | {fmt(conns)} | {fmt(n, 1)}{reps(k('nginx'))} | {fmt(pc, 1)}{reps(k('portcullis'))} | {rfmt(ratio(pc, n))} |")
         if pc is not None and n is not None:
             checks.append((f"idle {'TLS' if tls else 'plain'}: KiB/conn ≤ nginx's", pc <= n, f"{pc:.1f} vs {n:.1f} KiB"))
         if tls and pc is not None:
