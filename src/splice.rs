@@ -517,15 +517,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::zerocopy::tests::pair;
     use tokio::io::AsyncReadExt;
-    use tokio::net::TcpListener;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        (c, s)
-    }
 
     /// More local replies than the queue holds, asked while a backend response is half sent:
     /// they wait for its end, arrive in order, and the client is read again once they drain.
