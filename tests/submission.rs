@@ -354,3 +354,80 @@ fn b64(s: &str) -> String {
         .unwrap();
     String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
 }
+
+/// A submission backend that waits `delay` before each greeting and offers `keyword` in its
+/// `EHLO` reply; counts the connections it accepted. No real server can be told to stall.
+fn slow_smtp_backend(
+    delay: Duration,
+    keyword: &'static str,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            count.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                let _ = stream.write_all(b"220 slow.example ESMTP\r\n");
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                    let verb = line.trim().to_ascii_uppercase();
+                    let reply = if verb.starts_with("EHLO") {
+                        format!("250-slow.example\r\n250-{keyword}\r\n250 SIZE 4242\r\n")
+                    } else if verb == "QUIT" {
+                        let _ = stream.write_all(b"221 2.0.0 Bye\r\n");
+                        return;
+                    } else {
+                        "250 2.0.0 OK\r\n".to_owned()
+                    };
+                    let _ = stream.write_all(reply.as_bytes());
+                    line.clear();
+                }
+            });
+        }
+    });
+    (port, accepted)
+}
+
+#[test]
+fn clients_arriving_during_the_first_probe_wait_for_it() {
+    // The proxy's start-up port check opens the first submission session, which starts the
+    // probe; every client below arrives while that probe waits for the slow greeting.
+    let (backend, probes) = slow_smtp_backend(Duration::from_millis(1500), "X-SLOW-BACKEND");
+    let mut opts = ProxyOptions::file_users(backend, "unused");
+    opts.backend_submission_port = backend;
+    let proxy = Proxy::start(opts);
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let port = proxy.submission_starttls;
+            std::thread::spawn(move || {
+                let mut c = Raw::plain(port);
+                let greeting = c.line().unwrap_or_default();
+                c.send(b"EHLO client.example\r\n");
+                let ehlo = c.until("250 ");
+                c.send(b"QUIT\r\n");
+                (greeting, keywords(&ehlo))
+            })
+        })
+        .collect();
+    for c in clients {
+        let (greeting, keywords) = c.join().unwrap();
+        assert!(greeting.starts_with("220 "), "{greeting}");
+        assert!(
+            keywords.iter().any(|k| k == "X-SLOW-BACKEND"),
+            "a client saw the defaults instead of the backend's keywords: {keywords:?}"
+        );
+        assert!(keywords.iter().any(|k| k == "SIZE 4242"), "{keywords:?}");
+    }
+    assert_eq!(
+        probes.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one probe serves every waiting session"
+    );
+}

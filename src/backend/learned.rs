@@ -3,10 +3,16 @@
 //! what the backend will actually do after login. Learned on first use, refreshed in the
 //! background once stale; a backend that cannot be reached leaves the last good answer (or the
 //! protocol's defaults) in place and never delays a greeting by more than one probe.
+//!
+//! Sessions that arrive while the first probe is in flight wait for it (bounded by the probe's
+//! own deadline) instead of greeting with the defaults: the first clients after a start or a
+//! reload would otherwise see a different `EHLO` from the ones a moment later.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 use crate::Protocol;
 
@@ -15,25 +21,43 @@ pub const FRESH_FOR: Duration = Duration::from_secs(300);
 /// How long after a failed probe the next one may start.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Entry {
     values: Option<Arc<Vec<String>>>,
     learned_at: Option<Instant>,
     last_try: Option<Instant>,
     refreshing: bool,
+    /// Counts finished probes; waiters see it change.
+    finished: watch::Sender<u64>,
 }
 
 /// What a caller should do, from [`Learned::lookup`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Lookup {
     /// Use these; nothing to do.
     Fresh(Arc<Vec<String>>),
     /// Use these and start a refresh in the background (the caller was chosen to run it).
     Stale(Arc<Vec<String>>),
-    /// Nothing learned yet and this caller was chosen to probe now.
-    Probe,
-    /// Nothing learned and a probe is running or recently failed: use the defaults.
+    /// Nothing learned yet and this caller was chosen to start a probe; it then waits for it
+    /// like [`Lookup::Wait`].
+    Probe(Waiter),
+    /// Nothing learned yet and the first probe is in flight: wait for it, then read
+    /// [`Learned::current`].
+    Wait(Waiter),
+    /// Nothing learned and the last probe failed recently: use the defaults.
     Defaults,
+}
+
+/// Resolves when the probe in flight at the time of the lookup has finished (or the entry was
+/// cleared).
+#[derive(Debug)]
+pub struct Waiter(watch::Receiver<u64>);
+
+impl Waiter {
+    pub async fn finished(mut self) {
+        // An error means the entry was cleared: nothing more will come from this probe.
+        let _ = self.0.changed().await;
+    }
 }
 
 /// Learned capabilities per protocol.
@@ -52,11 +76,12 @@ impl Learned {
         let Ok(mut map) = self.entries.lock() else {
             return Lookup::Defaults;
         };
-        let e = map.entry(protocol).or_insert(Entry {
+        let e = map.entry(protocol).or_insert_with(|| Entry {
             values: None,
             learned_at: None,
             last_try: None,
             refreshing: false,
+            finished: watch::channel(0).0,
         });
         let may_try = !e.refreshing
             && e.last_try
@@ -76,8 +101,9 @@ impl Learned {
             (None, _) if may_try => {
                 e.refreshing = true;
                 e.last_try = Some(now);
-                Lookup::Probe
+                Lookup::Probe(Waiter(e.finished.subscribe()))
             }
+            (None, _) if e.refreshing => Lookup::Wait(Waiter(e.finished.subscribe())),
             (None, _) => Lookup::Defaults,
         }
     }
@@ -93,7 +119,14 @@ impl Learned {
                 e.values = Some(Arc::new(v));
                 e.learned_at = Some(now);
             }
+            e.finished.send_modify(|n| *n += 1);
         }
+    }
+
+    /// What is learned for `protocol`, without electing anyone to probe.
+    pub fn current(&self, protocol: Protocol) -> Option<Arc<Vec<String>>> {
+        let map = self.entries.lock().ok()?;
+        map.get(&protocol)?.values.clone()
     }
 
     /// Forgets everything (SIGHUP: the backend may have changed).
@@ -112,12 +145,17 @@ mod tests {
     fn one_prober_then_fresh_then_stale_refresh() {
         let l = Learned::new();
         let t0 = Instant::now();
-        assert!(matches!(l.lookup(Protocol::Submission, t0), Lookup::Probe));
         assert!(matches!(
             l.lookup(Protocol::Submission, t0),
-            Lookup::Defaults
+            Lookup::Probe(_)
         ));
+        assert!(matches!(
+            l.lookup(Protocol::Submission, t0),
+            Lookup::Wait(_)
+        ));
+        assert!(l.current(Protocol::Submission).is_none());
         l.finish(Protocol::Submission, Some(vec!["SIZE 1".into()]), t0);
+        assert_eq!(l.current(Protocol::Submission).unwrap()[0], "SIZE 1");
         assert!(matches!(l.lookup(Protocol::Submission, t0), Lookup::Fresh(v) if v[0] == "SIZE 1"));
         let later = t0 + FRESH_FOR + Duration::from_secs(1);
         assert!(matches!(
@@ -145,7 +183,10 @@ mod tests {
     fn failed_first_probe_uses_defaults_until_retry() {
         let l = Learned::new();
         let t0 = Instant::now();
-        assert!(matches!(l.lookup(Protocol::ManageSieve, t0), Lookup::Probe));
+        assert!(matches!(
+            l.lookup(Protocol::ManageSieve, t0),
+            Lookup::Probe(_)
+        ));
         l.finish(Protocol::ManageSieve, None, t0);
         assert!(matches!(
             l.lookup(Protocol::ManageSieve, t0),
@@ -153,9 +194,51 @@ mod tests {
         ));
         assert!(matches!(
             l.lookup(Protocol::ManageSieve, t0 + RETRY_AFTER),
-            Lookup::Probe
+            Lookup::Probe(_)
         ));
         l.clear();
-        assert!(matches!(l.lookup(Protocol::ManageSieve, t0), Lookup::Probe));
+        assert!(matches!(
+            l.lookup(Protocol::ManageSieve, t0),
+            Lookup::Probe(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn waiters_wake_when_the_first_probe_finishes_or_is_cleared() {
+        let l = Arc::new(Learned::new());
+        let t0 = Instant::now();
+        let Lookup::Probe(prober) = l.lookup(Protocol::Submission, t0) else {
+            panic!("first caller probes");
+        };
+        let Lookup::Wait(waiter) = l.lookup(Protocol::Submission, t0) else {
+            panic!("second caller waits");
+        };
+        let woke = tokio::spawn(async move {
+            waiter.finished().await;
+        });
+        tokio::task::yield_now().await;
+        assert!(!woke.is_finished(), "no probe has finished yet");
+        l.finish(Protocol::Submission, Some(vec!["PIPELINING".into()]), t0);
+        tokio::time::timeout(Duration::from_secs(5), woke)
+            .await
+            .expect("waiter woke")
+            .unwrap();
+        // A waiter subscribed before the finish sees it even if it polls afterwards.
+        tokio::time::timeout(Duration::from_secs(5), prober.finished())
+            .await
+            .expect("prober's waiter woke");
+        assert_eq!(l.current(Protocol::Submission).unwrap()[0], "PIPELINING");
+
+        let Lookup::Probe(_) = l.lookup(Protocol::ManageSieve, t0) else {
+            panic!("first caller probes");
+        };
+        let Lookup::Wait(waiter) = l.lookup(Protocol::ManageSieve, t0) else {
+            panic!("second caller waits");
+        };
+        l.clear();
+        tokio::time::timeout(Duration::from_secs(5), waiter.finished())
+            .await
+            .expect("a clear releases waiters");
+        assert!(l.current(Protocol::ManageSieve).is_none());
     }
 }

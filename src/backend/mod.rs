@@ -18,6 +18,9 @@ use crate::proto::prelogin::BackendMachine;
 use crate::secret::Secret;
 use crate::stream::Conn;
 
+/// How long a probe waits for its connection to close cleanly.
+const PROBE_SHUTDOWN: Duration = Duration::from_secs(1);
+
 /// Why the backend could not be used. All of these are temporary failures for the client.
 #[derive(Debug, Error)]
 pub enum ConnectError {
@@ -280,6 +283,11 @@ impl Connector {
             .map_err(|_| ConnectError::LoginTimeout)?
     }
 
+    /// The longest a [`Connector::probe`] can take, connection shutdown included.
+    pub fn probe_deadline(&self) -> Duration {
+        self.connect_timeout + PROBE_SHUTDOWN
+    }
+
     /// Runs a probe machine (one that ends with `LoggedIn(capabilities)` without logging in)
     /// and returns what it learned. The connection is the proxy's own (PROXY v2 `LOCAL`), and
     /// the whole probe is bounded by the connect timeout, so a client waiting for its greeting
@@ -295,7 +303,7 @@ impl Connector {
         let mut done = tokio::time::timeout(self.connect_timeout, self.drive(service, None, probe))
             .await
             .map_err(|_| ConnectError::ConnectTimeout)??;
-        let _ = tokio::time::timeout(Duration::from_secs(1), done.conn.shutdown()).await;
+        let _ = tokio::time::timeout(PROBE_SHUTDOWN, done.conn.shutdown()).await;
         Ok(done.capabilities)
     }
 

@@ -77,29 +77,40 @@ where
     P: Fn(&Connector, BackendService) -> B + Send + 'static,
 {
     let service = shared.config.backend.service(protocol)?;
-    let run = |shared: SharedRef| async move {
-        let machine = probe(&shared.backend, service);
-        let values = match shared.backend.probe(service, machine).await {
-            Ok(values) => Some(values),
-            Err(e) => {
-                tracing::warn!(event = "backend_probe", proto = protocol.label(), error = %e, "could not learn the backend's capabilities; using what is cached or the defaults");
-                None
-            }
-        };
-        shared
-            .learned
-            .finish(protocol, values.clone(), std::time::Instant::now());
-        values.map(Arc::new)
+    // The probe runs in its own task, so a session that goes away mid-probe cannot leave the
+    // entry marked as probing for ever.
+    let start = |shared: SharedRef| {
+        tokio::spawn(async move {
+            let machine = probe(&shared.backend, service);
+            let values = match shared.backend.probe(service, machine).await {
+                Ok(values) => Some(values),
+                Err(e) => {
+                    tracing::warn!(event = "backend_probe", proto = protocol.label(), error = %e, "could not learn the backend's capabilities; using what is cached or the defaults");
+                    None
+                }
+            };
+            shared
+                .learned
+                .finish(protocol, values, std::time::Instant::now());
+        })
     };
-    match shared.learned.lookup(protocol, std::time::Instant::now()) {
-        Lookup::Fresh(v) => Some(v),
+    let waiter = match shared.learned.lookup(protocol, std::time::Instant::now()) {
+        Lookup::Fresh(v) => return Some(v),
         Lookup::Stale(v) => {
-            tokio::spawn(run(shared.clone()));
-            Some(v)
+            start(shared.clone());
+            return Some(v);
         }
-        Lookup::Probe => run(shared.clone()).await,
-        Lookup::Defaults => None,
-    }
+        Lookup::Defaults => return None,
+        Lookup::Probe(waiter) => {
+            start(shared.clone());
+            waiter
+        }
+        Lookup::Wait(waiter) => waiter,
+    };
+    // The probe is bounded by the backend's deadline; this bound only guards against a
+    // probe task that never reports.
+    let _ = tokio::time::timeout(shared.backend.probe_deadline(), waiter.finished()).await;
+    shared.learned.current(protocol)
 }
 
 /// What a listener tells each of its sessions.
