@@ -41,6 +41,15 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// legs are cleartext (see `zerocopy`); shorter ones are not worth a pipe.
 const ZERO_COPY_MIN: u64 = 16 * 1024;
 
+/// A backend silent this long ends a bulk transfer of a session whose bytes all pass unexamined
+/// (POP3, SMTP): its pipe is closed, so an idle session holds none. Between the messages of a
+/// mailbox download (one round trip) the pipe stays.
+const BULK_PAUSE: Duration = if cfg!(test) {
+    Duration::from_millis(100)
+} else {
+    Duration::from_secs(1)
+};
+
 /// How much one read asks for: grows while reads fill it (a download) and shrinks back after a
 /// few small reads (an idle or interactive session).
 #[derive(Debug)]
@@ -186,6 +195,11 @@ pub trait Downstream: Send {
     }
     /// Accounts for `n` (at most [`Downstream::opaque_ahead`]) bytes sent without `push`.
     fn skipped(&mut self, _n: u64) {}
+    /// Whether every backend byte passes unchanged and unexamined, so that a bulk transfer
+    /// (a POP3 `RETR`) may go to the client without the proxy once one is seen.
+    fn all_opaque(&self) -> bool {
+        false
+    }
 }
 
 /// A split half of a leg, which may expose its cleartext socket for zero-copy forwarding.
@@ -235,6 +249,9 @@ impl Downstream for Passthrough {
         out.extend_from_slice(input);
     }
     fn at_boundary(&self) -> bool {
+        true
+    }
+    fn all_opaque(&self) -> bool {
         true
     }
 }
@@ -411,6 +428,9 @@ where
         let mut pipe: Option<Pipe> = None;
         // A pipe could not be made (out of descriptors): copy until the next response.
         let mut no_pipe = false;
+        // A bulk transfer is under way in a session whose bytes all pass unexamined: everything
+        // goes through the pipe until the backend pauses.
+        let mut bulk = false;
         loop {
             if down.at_boundary() {
                 replies.take_into(&mut out);
@@ -427,11 +447,24 @@ where
             }
             let ahead = down.opaque_ahead();
             // A long run starts the pipe, which then carries it to its end.
-            if ahead == 0 {
+            if ahead == 0 && !bulk {
                 no_pipe = false;
             }
-            let zero_copy = !no_pipe && (ahead >= ZERO_COPY_MIN || (ahead > 0 && pipe.is_some()));
+            let literal = ahead >= ZERO_COPY_MIN || (ahead > 0 && pipe.is_some());
+            let zero_copy = !no_pipe && (literal || bulk);
             if let (true, Some(from), Some(to)) = (zero_copy, backend_r.tcp(), client_w.tcp()) {
+                if bulk {
+                    // The pipe is kept only while the backend keeps sending.
+                    match tokio::time::timeout(BULK_PAUSE, from.readable()).await {
+                        Err(_) => {
+                            bulk = false;
+                            pipe = None;
+                            continue;
+                        }
+                        Ok(Err(_)) => return SpliceEnd::Error,
+                        Ok(Ok(())) => {}
+                    }
+                }
                 // Nothing can be due to the client before these bytes: a local reply waits
                 // for a boundary, and `out` is empty.
                 if pipe.is_none() {
@@ -439,15 +472,19 @@ where
                     // new attempt for every read of this body.
                     pipe = Pipe::new().ok();
                     no_pipe = pipe.is_none();
+                    bulk &= !no_pipe;
                 }
                 if let Some(p) = &pipe {
-                    match p.forward(from, to, ahead).await {
+                    let max = if bulk { u64::MAX } else { ahead };
+                    match p.forward(from, to, max).await {
                         Ok(n) => {
                             touch(&last);
-                            down.skipped(n as u64);
+                            if !bulk {
+                                down.skipped(n as u64);
+                            }
                             to_client.fetch_add(n as u64, Ordering::Relaxed);
                             zero_copied.fetch_add(n as u64, Ordering::Relaxed);
-                            if down.opaque_ahead() == 0 {
+                            if !bulk && down.opaque_ahead() == 0 {
                                 pipe = None;
                             }
                             continue;
@@ -470,6 +507,9 @@ where
                     Ok(n) => {
                         touch(&last);
                         size.filled(n);
+                        // A long read in a session that examines nothing: a transfer has
+                        // begun; what follows it goes socket to socket.
+                        bulk = !no_pipe && down.all_opaque() && n as u64 >= ZERO_COPY_MIN;
                     }
                     Err(_) => return SpliceEnd::Error,
                 }
@@ -588,6 +628,78 @@ mod tests {
         drop(backend);
         let stats = session.await.unwrap();
         assert_eq!(stats.to_backend, 8);
+    }
+
+    /// A session that examines nothing (POP3) moves a bulk transfer socket to socket, bytes
+    /// intact, and after a pause of the backend goes back to copying the small answers.
+    #[tokio::test]
+    async fn passthrough_bulk_goes_through_the_pipe_and_ends_with_a_pause() {
+        let (mut client, client_leg) = pair().await;
+        let (backend_leg, mut backend) = pair().await;
+        let session = tokio::spawn(run(
+            (Passthrough, Passthrough),
+            Conn::Plain(client_leg),
+            Conn::Plain(backend_leg),
+            Vec::new(),
+            b"+OK logged in\r\n".to_vec(),
+            Duration::from_secs(30),
+            CancellationToken::new(),
+        ));
+        let body: Vec<u8> = (0..2_000_000u32)
+            .map(|i| {
+                if i % 77 == 76 {
+                    b'\n'
+                } else {
+                    b'a' + (i % 26) as u8
+                }
+            })
+            .collect();
+        let mut want = b"+OK logged in\r\n+OK message follows\r\n".to_vec();
+        want.extend_from_slice(&body);
+        want.extend_from_slice(b"\r\n.\r\n");
+        let sent = want[b"+OK logged in\r\n".len()..].to_vec();
+        let writer = tokio::spawn(async move {
+            client.write_all(b"RETR 1\r\n").await.unwrap();
+            client
+        });
+        let mut asked = [0u8; 8];
+        backend.read_exact(&mut asked).await.unwrap();
+        assert_eq!(&asked, b"RETR 1\r\n");
+        let mut client = writer.await.unwrap();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; want.len()];
+            client.read_exact(&mut got).await.unwrap();
+            assert!(got == want, "the transfer arrived changed");
+            client
+        });
+        for chunk in sent.chunks(50_000) {
+            backend.write_all(chunk).await.unwrap();
+        }
+        let mut client = reader.await.unwrap();
+        // A pause longer than BULK_PAUSE, then small answers both ways.
+        tokio::time::sleep(BULK_PAUSE * 3).await;
+        client.write_all(b"QUIT\r\n").await.unwrap();
+        let mut quit = [0u8; 6];
+        backend.read_exact(&mut quit).await.unwrap();
+        assert_eq!(&quit, b"QUIT\r\n");
+        backend.write_all(b"+OK bye\r\n").await.unwrap();
+        let mut bye = [0u8; 9];
+        client.read_exact(&mut bye).await.unwrap();
+        assert_eq!(&bye, b"+OK bye\r\n");
+        drop(backend);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        let stats = session.await.unwrap();
+        let total = (b"+OK logged in\r\n".len() + sent.len() + 9) as u64;
+        assert_eq!(stats.to_client, total);
+        assert_eq!(stats.end, SpliceEnd::Closed);
+        assert!(
+            stats.to_client_zero_copy > 1_500_000,
+            "zero_copy={}",
+            stats.to_client_zero_copy
+        );
+        assert!(stats.to_client_zero_copy < total - 9);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Zero-copy forwarding between two cleartext sockets: `splice(2)` from one socket into a pipe
 //! and from the pipe into the other, so the bytes of a message body never enter the proxy's
-//! memory. Used after login for the bytes a framer has no interest in (an IMAP literal, whose
-//! length the framer already read in its announcement).
+//! memory. Used after login for the bytes a framer has no interest in: an IMAP literal, whose
+//! length the framer already read in its announcement, and the bulk transfers of sessions that
+//! examine nothing after login (a POP3 `RETR`), from their first long read until the backend
+//! pauses.
 //!
 //! On loopback a downloaded mailbox otherwise costs a copy from the kernel into a buffer and a
 //! copy back, and that share of a core was taken from the backend and the reader (see
@@ -21,8 +23,8 @@ const WANT_CAPACITY: usize = 256 * 1024;
 /// What a Linux pipe holds by default (16 pages).
 const DEFAULT_CAPACITY: usize = 64 * 1024;
 
-/// A pipe for one message body: made when a long body starts and closed when it ends, so
-/// sessions hold no pipe (and no share of the user's pipe pages) between bodies.
+/// A pipe for one message body (or one bulk transfer): made when it starts and closed when it
+/// ends, so sessions hold no pipe (and no share of the user's pipe pages) between them.
 #[derive(Debug)]
 pub struct Pipe {
     read: OwnedFd,

@@ -729,26 +729,7 @@ fn cleartext_fetches_arrive_byte_exact_with_long_bodies_spliced_past_the_proxy()
     let mut tail = Vec::new();
     let _ = s.read_to_end(&mut tail);
     // The session's last log line says how much went socket to socket.
-    let mut zero_copy = None;
-    for _ in 0..50 {
-        zero_copy = proxy
-            .log()
-            .lines()
-            .find(|l| l.contains("session ended") && l.contains("zero_copy="))
-            .and_then(|l| {
-                let v = l.split("zero_copy=").nth(1)?;
-                v.split(|c: char| !c.is_ascii_digit())
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            });
-        if zero_copy.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let zero_copy =
-        zero_copy.unwrap_or_else(|| panic!("no session end with zero_copy: {}", proxy.log()));
+    let zero_copy = proxy.first_session_zero_copy();
     // Most of the long bodies (not what arrived with their FETCH line in an ordinary read),
     // none of the short one.
     let long = (bodies[0].len() + bodies[1].len()) as u64;

@@ -4,6 +4,7 @@
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
 use common::authhttp::{AuthHttpServer, Mode};
 use common::clients::Client;
@@ -96,7 +97,7 @@ fn openssl_s_client_stls() {
         stdin
             .write_all(b"USER alice\nPASS alice-password\n")
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(1500));
+        std::thread::sleep(Duration::from_millis(1500));
         stdin.write_all(b"STAT\nQUIT\n").unwrap();
     }
     let out = child.wait_with_output().unwrap();
@@ -161,4 +162,67 @@ fn authenticator_down_is_sys_temp() {
     );
     auth.set_mode(Mode::Down);
     login("-ERR [SYS/TEMP]");
+}
+
+#[test]
+fn cleartext_retr_of_a_large_message_arrives_intact_mostly_socket_to_socket() {
+    use std::io::{Read, Write};
+    let dovecot = Dovecot::start();
+    // A cleartext POP3 listener (loopback only), so both legs are plain sockets.
+    let plain = common::ports::free_port();
+    let mut opts = ProxyOptions::file_users(dovecot.imap_port(), dovecot.master_secret());
+    opts.extra = format!(
+        "[[listener]]\nprotocol = \"pop3\"\nbind = [\"127.0.0.1:{plain}\"]\ntls = \"none\"\nallow_plaintext_auth = true\n"
+    );
+    let proxy = setup_with(&dovecot, opts);
+    assert!(common::ports::wait_for_port(plain, Duration::from_secs(10)));
+    let mut body = b"Subject: big\r\n\r\n".to_vec();
+    let mut i = 0u64;
+    while body.len() < 3 << 20 {
+        let pad = "z".repeat((i % 53) as usize);
+        body.extend_from_slice(format!("{i:016x}-{pad}\r\n").as_bytes());
+        i += 1;
+    }
+    dovecot.deliver(ALICE, &body);
+    dovecot.deliver(ALICE, b"Subject: small\r\n\r\nsmall one\r\n");
+
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", plain)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut seen = Vec::new();
+    let mut read_until = |s: &mut std::net::TcpStream, end: &[u8]| {
+        let mut buf = [0u8; 16384];
+        while memchr::memmem::find(&seen, end).is_none() {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "closed after {} bytes", seen.len());
+            seen.extend_from_slice(&buf[..n]);
+        }
+        std::mem::take(&mut seen)
+    };
+    read_until(&mut s, b"\r\n");
+    s.write_all(b"USER alice\r\n").unwrap();
+    read_until(&mut s, b"\r\n");
+    s.write_all(b"PASS alice-password\r\n").unwrap();
+    let login = read_until(&mut s, b"\r\n");
+    assert!(
+        login.starts_with(b"+OK"),
+        "{}",
+        String::from_utf8_lossy(&login)
+    );
+    // Both messages back to back: the large one through the pipe, then the small one.
+    s.write_all(b"RETR 1\r\n").unwrap();
+    let first = read_until(&mut s, b"\r\n.\r\n");
+    s.write_all(b"RETR 2\r\nQUIT\r\n").unwrap();
+    // The small message, then QUIT's answer, arrive behind it.
+    read_until(&mut s, b"small one\r\n.\r\n+OK");
+    let head = b"+OK ";
+    assert!(first.starts_with(head), "{:?}", &first[..40]);
+    let at = memchr::memmem::find(&first, b"\r\n").unwrap() + 2;
+    let got = &first[at..first.len() - 3];
+    assert_eq!(got.len(), body.len(), "message length");
+    assert!(got == &body[..], "message 1 differs");
+    let zero_copy = proxy.first_session_zero_copy();
+    assert!(
+        zero_copy > (body.len() as u64) / 2 && zero_copy <= body.len() as u64 + 100,
+        "zero_copy={zero_copy}"
+    );
 }

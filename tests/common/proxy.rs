@@ -329,6 +329,29 @@ per_ip_new_per_minute = 10000
         std::fs::read_to_string(self.dir.path().join("portcullis.log")).unwrap_or_default()
     }
 
+    /// Of the first session that ended, the bytes that went backend to client socket to socket
+    /// (its `session ended` line's `zero_copy`); waits up to 5 s for that line.
+    pub fn first_session_zero_copy(&self) -> u64 {
+        for _ in 0..50 {
+            let found = self
+                .log()
+                .lines()
+                .find(|l| l.contains("session ended") && l.contains("zero_copy="))
+                .and_then(|l| {
+                    let v = l.split("zero_copy=").nth(1)?;
+                    v.split(|c: char| !c.is_ascii_digit())
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                });
+            if let Some(n) = found {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("no session end with zero_copy: {}", self.log())
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }
