@@ -8,11 +8,11 @@
 #   bench/compare.sh --leak 600           # adds the 10-minute RSS leak loop
 #
 # Options:
-#   --duration S     seconds per measured cell (default 10; fetch/append use S*0.8)
+#   --duration S     seconds per measured cell (default 10; fetch/append/retr use S*0.8)
 #   --conc "LIST"    login concurrencies (default "1 16 64")
 #   --protos "LIST"  login protocols (default "imap pop3 smtp"; pop3/smtp at --conc-other)
 #   --conc-other "L" concurrencies for pop3/smtp (default "16")
-#   --only "LIST"    any of login,fetch,append,idle,http (default all)
+#   --only "LIST"    any of login,fetch,append,retr,idle,http (default all)
 #   --idle N         idle connections per contestant (default 3000; Dovecot allows 4096)
 #   --reps N         interleaved repetitions; tables show medians (default 1)
 #   --leak S         also run an S-second TLS login loop at c=16 against Portcullis, sampling RSS
@@ -26,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
-DURATION=10 CONC="1 16 64" PROTOS="imap pop3 smtp" CONC_OTHER="16" ONLY="login,fetch,append,idle,http"
+DURATION=10 CONC="1 16 64" PROTOS="imap pop3 smtp" CONC_OTHER="16" ONLY="login,fetch,append,retr,idle,http"
 IDLE_N=3000 REPS=1 LEAK=0 WRITE=1 KEEP=0 SCHEDULER=per-core
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -90,8 +90,9 @@ trap cleanup EXIT
 trap "exit 130" INT TERM
 
 read -r P_D_IMAP P_D_IMAPS P_D_POP3 P_D_POP3S P_D_SUB P_D_SUBS \
-  P_N_IMAP P_N_IMAPS P_N_IMAP_BIG P_N_IMAPS_BIG P_N_POP3 P_N_POP3S P_N_SMTP P_N_SMTPS \
-  P_P_IMAP P_P_IMAPS P_P_POP3 P_P_POP3S P_P_SUB P_P_SUBS P_SINK P_P_HTTP P_P_HTTPS <<<"$("$LOADGEN" free-ports 23)"
+  P_N_IMAP P_N_IMAPS P_N_IMAP_BIG P_N_IMAPS_BIG P_N_POP3 P_N_POP3S P_N_POP3_BIG P_N_POP3S_BIG \
+  P_N_SMTP P_N_SMTPS \
+  P_P_IMAP P_P_IMAPS P_P_POP3 P_P_POP3S P_P_SUB P_P_SUBS P_SINK P_P_HTTP P_P_HTTPS <<<"$("$LOADGEN" free-ports 25)"
 
 PASSWORD=benchpass MASTER=master MASTER_SECRET=master-secret-$$ USERS=200
 
@@ -258,6 +259,8 @@ $(ng_server "$P_N_IMAP_BIG" imap "" "proxy_buffer 256k;")
 $(ng_server "$P_N_IMAPS_BIG" imap 1 "proxy_buffer 256k;")
 $(ng_server "$P_N_POP3" pop3 "" "")
 $(ng_server "$P_N_POP3S" pop3 1 "")
+$(ng_server "$P_N_POP3_BIG" pop3 "" "proxy_buffer 256k;")
+$(ng_server "$P_N_POP3S_BIG" pop3 1 "proxy_buffer 256k;")
 $(ng_server "$P_N_SMTP" smtp "" "proxy_smtp_auth on; xclient off;")
 $(ng_server "$P_N_SMTPS" smtp 1 "proxy_smtp_auth on; xclient off;")
 }
@@ -367,7 +370,8 @@ addr() { # contestant proto tls [big] -> port
     direct/smtp/0/*) echo "$P_D_SUB" ;; direct/smtp/1/*) echo "$P_D_SUBS" ;;
     nginx/imap/0/) echo "$P_N_IMAP" ;; nginx/imap/1/) echo "$P_N_IMAPS" ;;
     nginx/imap/0/big) echo "$P_N_IMAP_BIG" ;; nginx/imap/1/big) echo "$P_N_IMAPS_BIG" ;;
-    nginx/pop3/0/*) echo "$P_N_POP3" ;; nginx/pop3/1/*) echo "$P_N_POP3S" ;;
+    nginx/pop3/0/) echo "$P_N_POP3" ;; nginx/pop3/1/) echo "$P_N_POP3S" ;;
+    nginx/pop3/0/big) echo "$P_N_POP3_BIG" ;; nginx/pop3/1/big) echo "$P_N_POP3S_BIG" ;;
     nginx/smtp/0/*) echo "$P_N_SMTP" ;; nginx/smtp/1/*) echo "$P_N_SMTPS" ;;
     portcullis/imap/0/*) echo "$P_P_IMAP" ;; portcullis/imap/1/*) echo "$P_P_IMAPS" ;;
     portcullis/pop3/0/*) echo "$P_P_POP3" ;; portcullis/pop3/1/*) echo "$P_P_POP3S" ;;
@@ -437,6 +441,16 @@ for REP in $(seq 1 "$REPS"); do
       for who in $order; do
         run append "$who" imap "$s" "$(addr "$who" imap "$s")" -c 1 -t "$FETCH_S"
         [ "$who" = nginx ] && run append nginx-256k imap "$s" "$(addr nginx imap "$s" big)" -c 1 -t "$FETCH_S"
+      done
+    done
+  fi
+  if want retr; then
+    # A mailbox download over POP3: the message is placed through direct cleartext IMAP.
+    for s in 0 1; do
+      echo "== rep $REP retr 4 MiB tls=$s c=1"
+      for who in $order; do
+        run retr "$who" pop3 "$s" "$(addr "$who" pop3 "$s")" -c 1 -t "$FETCH_S" --prep-addr "127.0.0.1:$P_D_IMAP"
+        [ "$who" = nginx ] && run retr nginx-256k pop3 "$s" "$(addr nginx pop3 "$s" big)" -c 1 -t "$FETCH_S" --prep-addr "127.0.0.1:$P_D_IMAP"
       done
     done
   fi

@@ -131,7 +131,9 @@ if http:
           f"| {' / '.join(ms(v) for v in p99)} | {fmt(cp / 2 if cp is not None else None)} | {'/'.join(map(str, errs))} |")
     p("")
 
-for mode, title in (("fetch", "FETCH of a 4 MiB message (logged in once, repeated)"), ("append", "APPEND of a 4 MiB message (then expunged)")):
+for mode, proto, title in (("fetch", "imap", "FETCH of a 4 MiB message (logged in once, repeated)"),
+                           ("append", "imap", "APPEND of a 4 MiB message (then expunged)"),
+                           ("retr", "pop3", "POP3 RETR of a 4 MiB message (logged in once, repeated)")):
     keys = sorted({(k[2], k[3]) for k in cells if k[0] == mode})
     if not keys:
         continue
@@ -140,7 +142,7 @@ for mode, title in (("fetch", "FETCH of a 4 MiB message (logged in once, repeate
     p("| TLS | c | direct MiB/s | nginx 4k MiB/s | nginx 256k MiB/s | Portcullis MiB/s | P/direct | P/nginx 4k | P/nginx 256k | CPU µs/MiB nginx 256k | CPU µs/MiB P |")
     p("|---|---|---|---|---|---|---|---|---|---|---|")
     for tls, c in keys:
-        k = lambda who: (mode, "imap", tls, c, who)
+        k = lambda who: (mode, proto, tls, c, who)
         d, n4, n256, pc = (med(k(w), "mib_per_s") for w in ("direct", "nginx", "nginx-256k", "portcullis"))
         cn, cp = med(k("nginx-256k"), "proxy_cpu_us_per_mib"), med(k("portcullis"), "proxy_cpu_us_per_mib")
         p(f"| {'yes' if tls else 'no'} | {c} | {fmt(d)} | {fmt(n4)} | {fmt(n256)} | {fmt(pc)} | {rfmt(ratio(pc, d))} | {rfmt(ratio(pc, n4))} | {rfmt(ratio(pc, n256))} | {fmt(cn)} | {fmt(cp)} |")

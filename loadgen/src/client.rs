@@ -309,6 +309,38 @@ impl Conn {
         self.pop3_ok().await
     }
 
+    /// `RETR n`, read to the end of its multi-line answer without looking at lines: the bytes
+    /// are only searched for the terminating `CRLF . CRLF`, as a mail client's download would.
+    pub async fn pop3_retr(&mut self, n: u32) -> io::Result<()> {
+        const END: &[u8] = b"\r\n.\r\n";
+        self.send(format!("RETR {n}\r\n").as_bytes()).await?;
+        self.pop3_ok().await?;
+        // The last bytes seen, for a terminator split between two reads; the status line's
+        // CRLF counts (an empty message is just `.` CRLF).
+        let mut carry: Vec<u8> = b"\r\n".to_vec();
+        loop {
+            let buf = self.io.fill_buf().await?;
+            if buf.is_empty() {
+                return Err(err("connection closed inside a RETR answer"));
+            }
+            let mut joint = carry.clone();
+            joint.extend_from_slice(&buf[..buf.len().min(END.len() - 1)]);
+            let end = match memchr::memmem::find(&joint, END) {
+                Some(i) => Some(i + END.len() - carry.len()),
+                None => memchr::memmem::find(buf, END).map(|i| i + END.len()),
+            };
+            let take = end.unwrap_or(buf.len());
+            carry.extend_from_slice(&buf[take.saturating_sub(END.len() - 1)..take]);
+            let keep = carry.len().saturating_sub(END.len() - 1);
+            carry.drain(..keep);
+            self.io.consume(take);
+            self.received += take as u64;
+            if end.is_some() {
+                return Ok(());
+            }
+        }
+    }
+
     // ---- SMTP ----
 
     /// Reads a (multi-line) SMTP reply and checks its code.

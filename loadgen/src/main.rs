@@ -47,6 +47,8 @@ enum Cmd {
     Login(LoginArgs),
     Fetch(ThroughputArgs),
     Append(ThroughputArgs),
+    /// POP3 `RETR 1` repeated (a mailbox download); the message is placed over IMAP first.
+    Retr(ThroughputArgs),
     Idle(IdleArgs),
     Authhttp(AuthHttpArgs),
     /// A minimal HTTP backend for the HTTP cells (see `httpbackend.rs`); prints its port.
@@ -105,6 +107,17 @@ struct ThroughputArgs {
     /// Message size in KiB.
     #[arg(long, default_value_t = 4096)]
     size_kib: usize,
+    /// `retr` only: a cleartext IMAP address of the same backend, to place the message with.
+    #[arg(long)]
+    prep_addr: Option<SocketAddr>,
+}
+
+/// What a throughput run repeats.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Transfer {
+    Fetch,
+    Append,
+    Retr,
 }
 
 #[derive(Args)]
@@ -162,8 +175,9 @@ fn main() {
     let out = runtime.block_on(async move {
         match cli.cmd {
             Cmd::Login(a) => login(a).await,
-            Cmd::Fetch(a) => throughput(a, false).await,
-            Cmd::Append(a) => throughput(a, true).await,
+            Cmd::Fetch(a) => throughput(a, Transfer::Fetch).await,
+            Cmd::Append(a) => throughput(a, Transfer::Append).await,
+            Cmd::Retr(a) => throughput(a, Transfer::Retr).await,
             Cmd::Idle(a) => idle(a).await,
             Cmd::Httpbackend(a) => {
                 let listener = httpserve::bind(a.listen).await;
@@ -376,15 +390,30 @@ fn message(size: usize) -> Vec<u8> {
     m
 }
 
-async fn throughput(a: ThroughputArgs, append: bool) -> Value {
+async fn throughput(a: ThroughputArgs, kind: Transfer) -> Value {
     let t = Arc::new(a.target);
     let tls = connector(&t);
     let msg = Arc::new(message(a.size_kib * 1024));
-    let mode = if append { "append" } else { "fetch" };
+    let append = kind == Transfer::Append;
+    let mode = match kind {
+        Transfer::Fetch => "fetch",
+        Transfer::Append => "append",
+        Transfer::Retr => "retr",
+    };
     if !append {
-        // One message of the wanted size in the first user's INBOX, for every connection to FETCH.
+        // One message of the wanted size in the first user's INBOX, for every connection to
+        // FETCH (over the target) or RETR (placed over the backend's cleartext IMAP).
+        let (prep_addr, prep_tls) = match kind {
+            Transfer::Retr => match a.prep_addr {
+                Some(addr) => (addr, None),
+                None => {
+                    return json!({"mode": mode, "label": t.label, "error": "retr needs --prep-addr"})
+                }
+            },
+            _ => (t.addr, tls.clone()),
+        };
         let prep = async {
-            let mut c = Conn::connect(t.addr, tls.as_ref()).await?;
+            let mut c = Conn::connect(prep_addr, prep_tls.as_ref()).await?;
             c.login(Proto::Imap, &user(&t, 0), &t.password).await?;
             let exists = c.imap("SELECT INBOX").await?.unwrap_or(0);
             if exists != 1 {
@@ -416,6 +445,11 @@ async fn throughput(a: ThroughputArgs, append: bool) -> Value {
             msg.clone(),
             ready.clone(),
         );
+        let proto = if kind == Transfer::Retr {
+            Proto::Pop3
+        } else {
+            Proto::Imap
+        };
         tasks.push(tokio::spawn(async move {
             let setup = async {
                 let mut c = Conn::connect(t.addr, tls.as_ref()).await?;
@@ -424,12 +458,16 @@ async fn throughput(a: ThroughputArgs, append: bool) -> Value {
                 } else {
                     user(&t, 0)
                 };
-                c.login(Proto::Imap, &u, &t.password).await?;
-                if append {
-                    let _ = c.imap("CREATE Bench").await;
-                    c.imap("SELECT Bench").await?;
-                } else {
-                    c.imap("EXAMINE INBOX").await?;
+                c.login(proto, &u, &t.password).await?;
+                match kind {
+                    Transfer::Append => {
+                        let _ = c.imap("CREATE Bench").await;
+                        c.imap("SELECT Bench").await?;
+                    }
+                    Transfer::Fetch => {
+                        c.imap("EXAMINE INBOX").await?;
+                    }
+                    Transfer::Retr => {}
                 }
                 Ok::<_, std::io::Error>(c)
             };
@@ -437,19 +475,27 @@ async fn throughput(a: ThroughputArgs, append: bool) -> Value {
             ready.wait().await;
             let mut c = setup?;
             while !stop.load(Ordering::Relaxed) {
-                if append {
-                    c.imap_append("Bench", &msg).await?;
-                    bytes.fetch_add(msg.len() as u64, Ordering::Relaxed);
-                    c.imap("STORE 1:* +FLAGS.SILENT (\\Deleted)").await?;
-                    c.imap("EXPUNGE").await?;
-                } else {
-                    c.received = 0;
-                    c.imap("FETCH 1 BODY.PEEK[]").await?;
-                    bytes.fetch_add(c.received, Ordering::Relaxed);
+                match kind {
+                    Transfer::Append => {
+                        c.imap_append("Bench", &msg).await?;
+                        bytes.fetch_add(msg.len() as u64, Ordering::Relaxed);
+                        c.imap("STORE 1:* +FLAGS.SILENT (\\Deleted)").await?;
+                        c.imap("EXPUNGE").await?;
+                    }
+                    Transfer::Fetch => {
+                        c.received = 0;
+                        c.imap("FETCH 1 BODY.PEEK[]").await?;
+                        bytes.fetch_add(c.received, Ordering::Relaxed);
+                    }
+                    Transfer::Retr => {
+                        c.received = 0;
+                        c.pop3_retr(1).await?;
+                        bytes.fetch_add(c.received, Ordering::Relaxed);
+                    }
                 }
                 ops.fetch_add(1, Ordering::Relaxed);
             }
-            c.logout(Proto::Imap).await
+            c.logout(proto).await
         }));
     }
     ready.wait().await;
