@@ -9,6 +9,7 @@
 //! reload would otherwise see a different `EHLO` from the ones a moment later.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,14 @@ struct Entry {
     refreshing: bool,
     /// Counts finished probes; waiters see it change.
     finished: watch::Sender<u64>,
+    /// Which entry this is: one made after a [`Learned::clear`] has a new one.
+    id: u64,
 }
+
+/// Given to the caller elected to probe, handed back with the result: a probe against the
+/// backend of before a reload cannot fill in the entry made after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket(u64);
 
 /// What a caller should do, from [`Learned::lookup`].
 #[derive(Debug)]
@@ -37,10 +45,10 @@ pub enum Lookup {
     /// Use these; nothing to do.
     Fresh(Arc<Vec<String>>),
     /// Use these and start a refresh in the background (the caller was chosen to run it).
-    Stale(Arc<Vec<String>>),
+    Stale(Arc<Vec<String>>, Ticket),
     /// Nothing learned yet and this caller was chosen to start a probe; it then waits for it
     /// like [`Lookup::Wait`].
-    Probe(Waiter),
+    Probe(Waiter, Ticket),
     /// Nothing learned yet and the first probe is in flight: wait for it, then read
     /// [`Learned::current`].
     Wait(Waiter),
@@ -64,6 +72,8 @@ impl Waiter {
 #[derive(Debug, Default)]
 pub struct Learned {
     entries: Mutex<HashMap<Protocol, Entry>>,
+    /// Source of [`Entry::id`].
+    ids: AtomicU64,
 }
 
 impl Learned {
@@ -82,7 +92,9 @@ impl Learned {
             last_try: None,
             refreshing: false,
             finished: watch::channel(0).0,
+            id: self.ids.fetch_add(1, Ordering::Relaxed),
         });
+        let ticket = Ticket(e.id);
         let may_try = !e.refreshing
             && e.last_try
                 .is_none_or(|t| now.duration_since(t) >= RETRY_AFTER);
@@ -93,7 +105,7 @@ impl Learned {
                 if may_try {
                     e.refreshing = true;
                     e.last_try = Some(now);
-                    Lookup::Stale(v)
+                    Lookup::Stale(v, ticket)
                 } else {
                     Lookup::Fresh(v)
                 }
@@ -101,19 +113,26 @@ impl Learned {
             (None, _) if may_try => {
                 e.refreshing = true;
                 e.last_try = Some(now);
-                Lookup::Probe(Waiter(e.finished.subscribe()))
+                Lookup::Probe(Waiter(e.finished.subscribe()), ticket)
             }
             (None, _) if e.refreshing => Lookup::Wait(Waiter(e.finished.subscribe())),
             (None, _) => Lookup::Defaults,
         }
     }
 
-    /// Records a probe's result (`None`: it failed; keep what we had).
-    pub fn finish(&self, protocol: Protocol, values: Option<Vec<String>>, now: Instant) {
+    /// Records the result of the probe `ticket` was given for (`None`: it failed; keep what we
+    /// had). A result from before a [`Learned::clear`] is dropped.
+    pub fn finish(
+        &self,
+        protocol: Protocol,
+        ticket: Ticket,
+        values: Option<Vec<String>>,
+        now: Instant,
+    ) {
         let Ok(mut map) = self.entries.lock() else {
             return;
         };
-        if let Some(e) = map.get_mut(&protocol) {
+        if let Some(e) = map.get_mut(&protocol).filter(|e| e.id == ticket.0) {
             e.refreshing = false;
             if let Some(v) = values {
                 e.values = Some(Arc::new(v));
@@ -145,28 +164,31 @@ mod tests {
     fn one_prober_then_fresh_then_stale_refresh() {
         let l = Learned::new();
         let t0 = Instant::now();
-        assert!(matches!(
-            l.lookup(Protocol::Submission, t0),
-            Lookup::Probe(_)
-        ));
+        let Lookup::Probe(_, ticket) = l.lookup(Protocol::Submission, t0) else {
+            panic!("first caller probes");
+        };
         assert!(matches!(
             l.lookup(Protocol::Submission, t0),
             Lookup::Wait(_)
         ));
         assert!(l.current(Protocol::Submission).is_none());
-        l.finish(Protocol::Submission, Some(vec!["SIZE 1".into()]), t0);
+        l.finish(
+            Protocol::Submission,
+            ticket,
+            Some(vec!["SIZE 1".into()]),
+            t0,
+        );
         assert_eq!(l.current(Protocol::Submission).unwrap()[0], "SIZE 1");
         assert!(matches!(l.lookup(Protocol::Submission, t0), Lookup::Fresh(v) if v[0] == "SIZE 1"));
         let later = t0 + FRESH_FOR + Duration::from_secs(1);
-        assert!(matches!(
-            l.lookup(Protocol::Submission, later),
-            Lookup::Stale(_)
-        ));
+        let Lookup::Stale(_, ticket) = l.lookup(Protocol::Submission, later) else {
+            panic!("stale: one caller refreshes");
+        };
         assert!(matches!(
             l.lookup(Protocol::Submission, later),
             Lookup::Fresh(_)
         ));
-        l.finish(Protocol::Submission, None, later);
+        l.finish(Protocol::Submission, ticket, None, later);
         // A failed refresh keeps the old values and waits before trying again.
         assert!(matches!(
             l.lookup(Protocol::Submission, later),
@@ -175,7 +197,7 @@ mod tests {
         let retry = later + RETRY_AFTER;
         assert!(matches!(
             l.lookup(Protocol::Submission, retry),
-            Lookup::Stale(_)
+            Lookup::Stale(..)
         ));
     }
 
@@ -183,23 +205,22 @@ mod tests {
     fn failed_first_probe_uses_defaults_until_retry() {
         let l = Learned::new();
         let t0 = Instant::now();
-        assert!(matches!(
-            l.lookup(Protocol::ManageSieve, t0),
-            Lookup::Probe(_)
-        ));
-        l.finish(Protocol::ManageSieve, None, t0);
+        let Lookup::Probe(_, ticket) = l.lookup(Protocol::ManageSieve, t0) else {
+            panic!("first caller probes");
+        };
+        l.finish(Protocol::ManageSieve, ticket, None, t0);
         assert!(matches!(
             l.lookup(Protocol::ManageSieve, t0),
             Lookup::Defaults
         ));
         assert!(matches!(
             l.lookup(Protocol::ManageSieve, t0 + RETRY_AFTER),
-            Lookup::Probe(_)
+            Lookup::Probe(..)
         ));
         l.clear();
         assert!(matches!(
             l.lookup(Protocol::ManageSieve, t0),
-            Lookup::Probe(_)
+            Lookup::Probe(..)
         ));
     }
 
@@ -207,7 +228,7 @@ mod tests {
     async fn waiters_wake_when_the_first_probe_finishes_or_is_cleared() {
         let l = Arc::new(Learned::new());
         let t0 = Instant::now();
-        let Lookup::Probe(prober) = l.lookup(Protocol::Submission, t0) else {
+        let Lookup::Probe(prober, ticket) = l.lookup(Protocol::Submission, t0) else {
             panic!("first caller probes");
         };
         let Lookup::Wait(waiter) = l.lookup(Protocol::Submission, t0) else {
@@ -218,7 +239,12 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(!woke.is_finished(), "no probe has finished yet");
-        l.finish(Protocol::Submission, Some(vec!["PIPELINING".into()]), t0);
+        l.finish(
+            Protocol::Submission,
+            ticket,
+            Some(vec!["PIPELINING".into()]),
+            t0,
+        );
         tokio::time::timeout(Duration::from_secs(5), woke)
             .await
             .expect("waiter woke")
@@ -229,7 +255,7 @@ mod tests {
             .expect("prober's waiter woke");
         assert_eq!(l.current(Protocol::Submission).unwrap()[0], "PIPELINING");
 
-        let Lookup::Probe(_) = l.lookup(Protocol::ManageSieve, t0) else {
+        let Lookup::Probe(_, before) = l.lookup(Protocol::ManageSieve, t0) else {
             panic!("first caller probes");
         };
         let Lookup::Wait(waiter) = l.lookup(Protocol::ManageSieve, t0) else {
@@ -240,5 +266,17 @@ mod tests {
             .await
             .expect("a clear releases waiters");
         assert!(l.current(Protocol::ManageSieve).is_none());
+        // The probe of before the clear reports while the next one runs: it is not taken.
+        let Lookup::Probe(_, after) = l.lookup(Protocol::ManageSieve, t0) else {
+            panic!("first caller after the clear probes");
+        };
+        l.finish(Protocol::ManageSieve, before, Some(vec!["OLD".into()]), t0);
+        assert!(l.current(Protocol::ManageSieve).is_none());
+        assert!(matches!(
+            l.lookup(Protocol::ManageSieve, t0),
+            Lookup::Wait(_)
+        ));
+        l.finish(Protocol::ManageSieve, after, Some(vec!["NEW".into()]), t0);
+        assert_eq!(l.current(Protocol::ManageSieve).unwrap()[0], "NEW");
     }
 }

@@ -79,7 +79,7 @@ where
     let service = shared.config.backend.service(protocol)?;
     // The probe runs in its own task, so a session that goes away mid-probe cannot leave the
     // entry marked as probing for ever.
-    let start = |shared: SharedRef| {
+    let start = |shared: SharedRef, ticket| {
         tokio::spawn(async move {
             let machine = probe(&shared.backend, service);
             let values = match shared.backend.probe(service, machine).await {
@@ -91,18 +91,18 @@ where
             };
             shared
                 .learned
-                .finish(protocol, values, std::time::Instant::now());
+                .finish(protocol, ticket, values, std::time::Instant::now());
         })
     };
     let waiter = match shared.learned.lookup(protocol, std::time::Instant::now()) {
         Lookup::Fresh(v) => return Some(v),
-        Lookup::Stale(v) => {
-            start(shared.clone());
+        Lookup::Stale(v, ticket) => {
+            start(shared.clone(), ticket);
             return Some(v);
         }
         Lookup::Defaults => return None,
-        Lookup::Probe(waiter) => {
-            start(shared.clone());
+        Lookup::Probe(waiter, ticket) => {
+            start(shared.clone(), ticket);
             waiter
         }
         Lookup::Wait(waiter) => waiter,
