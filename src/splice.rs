@@ -173,6 +173,8 @@ pub struct SpliceStats {
     pub to_client: u64,
     /// Of `to_client`, the bytes that went socket to socket without a copy (see `zerocopy`).
     pub to_client_zero_copy: u64,
+    /// Of `to_backend`, the bytes that went socket to socket (IMAP `APPEND`, SMTP `DATA`).
+    pub to_backend_zero_copy: u64,
     pub end: SpliceEnd,
 }
 
@@ -180,6 +182,19 @@ pub struct SpliceStats {
 pub trait Upstream: Send {
     /// What to forward, local replies, or abort.
     fn push(&mut self, input: &[u8]) -> ClientOutput;
+    /// How many of the next client bytes `push` would forward unchanged and unexamined (the
+    /// rest of an announced literal, an IMAP `APPEND` body), so they may go to the backend
+    /// without it.
+    fn opaque_ahead(&self) -> u64 {
+        0
+    }
+    /// Accounts for `n` (at most [`Upstream::opaque_ahead`]) bytes sent without `push`.
+    fn skipped(&mut self, _n: u64) {}
+    /// Whether every client byte passes unchanged and unexamined, so that a bulk transfer
+    /// (an SMTP `DATA` body) may go to the backend without the proxy once one is seen.
+    fn all_opaque(&self) -> bool {
+        false
+    }
 }
 
 /// What a protocol inspects on the backend→client direction.
@@ -242,6 +257,9 @@ impl Upstream for Passthrough {
             ..ClientOutput::default()
         }
     }
+    fn all_opaque(&self) -> bool {
+        true
+    }
 }
 
 impl Downstream for Passthrough {
@@ -259,6 +277,12 @@ impl Downstream for Passthrough {
 impl Upstream for CommandFramer {
     fn push(&mut self, input: &[u8]) -> ClientOutput {
         CommandFramer::push(self, input)
+    }
+    fn opaque_ahead(&self) -> u64 {
+        self.literal_left()
+    }
+    fn skipped(&mut self, n: u64) {
+        self.skip_literal(n);
     }
 }
 
@@ -346,6 +370,95 @@ impl Replies {
     }
 }
 
+/// The zero-copy state of one direction of a cleartext session.
+#[derive(Default)]
+struct Bypass {
+    /// Open while a long opaque run (or a bulk transfer) is being forwarded.
+    pipe: Option<Pipe>,
+    /// A pipe could not be made (out of descriptors): copy until the next command or
+    /// response, without a new attempt for every read of this body.
+    no_pipe: bool,
+    /// A bulk transfer is under way in a direction whose bytes all pass unexamined:
+    /// everything goes through the pipe until the sender pauses.
+    bulk: bool,
+}
+
+/// What [`Bypass::forward`] did.
+enum Moved {
+    /// `n` bytes went socket to socket; `literal` if they were part of an announced run
+    /// (the filter must account for them), not of a bulk transfer.
+    Bytes {
+        n: usize,
+        literal: bool,
+    },
+    /// The bulk transfer ended with a pause of the sender; the pipe is closed.
+    Paused,
+    /// No pipe: the next bytes take the copying path.
+    Copy,
+    /// The sender closed.
+    Eof,
+    Error,
+}
+
+impl Bypass {
+    /// Whether the next bytes go through the pipe, with `ahead` bytes of an announced opaque
+    /// run to come. A long run opens the pipe, which then carries the run to its end.
+    fn wanted(&mut self, ahead: u64) -> bool {
+        if ahead == 0 && !self.bulk {
+            self.no_pipe = false;
+        }
+        let literal = ahead >= ZERO_COPY_MIN || (ahead > 0 && self.pipe.is_some());
+        !self.no_pipe && (literal || self.bulk)
+    }
+
+    /// Moves the next bytes (at most `ahead` of an announced run; any number in bulk) from
+    /// `from` to `to` through the pipe.
+    async fn forward(&mut self, ahead: u64, from: &TcpStream, to: &TcpStream) -> Moved {
+        if self.bulk {
+            // The pipe is kept only while the sender keeps sending.
+            match tokio::time::timeout(BULK_PAUSE, from.readable()).await {
+                Err(_) => {
+                    self.bulk = false;
+                    self.pipe = None;
+                    return Moved::Paused;
+                }
+                Ok(Err(_)) => return Moved::Error,
+                Ok(Ok(())) => {}
+            }
+        }
+        if self.pipe.is_none() {
+            self.pipe = Pipe::new().ok();
+            self.no_pipe = self.pipe.is_none();
+            self.bulk &= !self.no_pipe;
+        }
+        let Some(pipe) = &self.pipe else {
+            return Moved::Copy;
+        };
+        let max = if self.bulk { u64::MAX } else { ahead };
+        match pipe.forward(from, to, max).await {
+            Ok(n) => Moved::Bytes {
+                n,
+                literal: !self.bulk,
+            },
+            Err(Stop::Eof) => Moved::Eof,
+            Err(Stop::Io(_)) => Moved::Error,
+        }
+    }
+
+    /// After an announced run's bytes were accounted for: its end closes the pipe.
+    fn run_left(&mut self, ahead: u64) {
+        if !self.bulk && ahead == 0 {
+            self.pipe = None;
+        }
+    }
+
+    /// After a copying read of `n` bytes: a long one in a direction that examines nothing
+    /// starts a bulk transfer, and what follows it goes socket to socket.
+    fn read(&mut self, n: usize, all_opaque: bool) {
+        self.bulk = !self.no_pipe && all_opaque && n as u64 >= ZERO_COPY_MIN;
+    }
+}
+
 /// [`run`] over split legs.
 async fn pump<U, D, CR, CW, BR, BW>(
     up: &mut U,
@@ -358,10 +471,10 @@ async fn pump<U, D, CR, CW, BR, BW>(
 where
     U: Upstream,
     D: Downstream,
-    CR: AsyncRead + Unpin,
+    CR: AsyncRead + Half + Unpin,
     CW: AsyncWrite + Half + Unpin,
     BR: AsyncRead + Half + Unpin,
-    BW: AsyncWrite + Unpin,
+    BW: AsyncWrite + Half + Unpin,
 {
     let start = Instant::now();
     let last = AtomicU64::new(0);
@@ -369,6 +482,7 @@ where
         |last: &AtomicU64| last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     let to_backend = AtomicU64::new(0);
     let to_client = AtomicU64::new(0);
+    let zero_copied_up = AtomicU64::new(0);
     let zero_copied = AtomicU64::new(0);
     // Local replies from the client side, for the client at the next response boundary. Both
     // directions run in this one task: a queue and two wake-ups, nothing allocated up front.
@@ -380,6 +494,7 @@ where
     let mut upstream = std::pin::pin!(async {
         let mut size = ReadSize::new();
         let mut pending = client_first;
+        let mut bypass = Bypass::default();
         loop {
             if !pending.is_empty() {
                 let out = up.push(&pending);
@@ -402,6 +517,31 @@ where
             if size.is_small() {
                 trim(&mut pending);
             }
+            let ahead = up.opaque_ahead();
+            if let (true, Some(from), Some(to)) =
+                (bypass.wanted(ahead), client_r.tcp(), backend_w.tcp())
+            {
+                // `pending` is empty: everything read so far went through the framer.
+                match bypass.forward(ahead, from, to).await {
+                    Moved::Bytes { n, literal } => {
+                        touch(&last);
+                        if literal {
+                            up.skipped(n as u64);
+                            bypass.run_left(up.opaque_ahead());
+                        }
+                        to_backend.fetch_add(n as u64, Ordering::Relaxed);
+                        zero_copied_up.fetch_add(n as u64, Ordering::Relaxed);
+                        continue;
+                    }
+                    Moved::Paused => continue,
+                    Moved::Copy => {}
+                    Moved::Eof => {
+                        let _ = backend_w.shutdown().await;
+                        return SpliceEnd::Closed;
+                    }
+                    Moved::Error => return SpliceEnd::Error,
+                }
+            }
             let read = read_into(&mut client_r, size.get(), |bytes| {
                 pending.extend_from_slice(bytes);
             });
@@ -413,6 +553,7 @@ where
                 Ok(n) => {
                     touch(&last);
                     size.filled(n);
+                    bypass.read(n, up.all_opaque());
                 }
                 Err(_) => return SpliceEnd::Error,
             }
@@ -424,13 +565,7 @@ where
         let mut size = ReadSize::new();
         let mut out = Vec::new();
         down.push(&backend_first, &mut out);
-        // Open while a long opaque run is being forwarded.
-        let mut pipe: Option<Pipe> = None;
-        // A pipe could not be made (out of descriptors): copy until the next response.
-        let mut no_pipe = false;
-        // A bulk transfer is under way in a session whose bytes all pass unexamined: everything
-        // goes through the pipe until the backend pauses.
-        let mut bulk = false;
+        let mut bypass = Bypass::default();
         loop {
             if down.at_boundary() {
                 replies.take_into(&mut out);
@@ -446,55 +581,29 @@ where
                 trim(&mut out);
             }
             let ahead = down.opaque_ahead();
-            // A long run starts the pipe, which then carries it to its end.
-            if ahead == 0 && !bulk {
-                no_pipe = false;
-            }
-            let literal = ahead >= ZERO_COPY_MIN || (ahead > 0 && pipe.is_some());
-            let zero_copy = !no_pipe && (literal || bulk);
-            if let (true, Some(from), Some(to)) = (zero_copy, backend_r.tcp(), client_w.tcp()) {
-                if bulk {
-                    // The pipe is kept only while the backend keeps sending.
-                    match tokio::time::timeout(BULK_PAUSE, from.readable()).await {
-                        Err(_) => {
-                            bulk = false;
-                            pipe = None;
-                            continue;
-                        }
-                        Ok(Err(_)) => return SpliceEnd::Error,
-                        Ok(Ok(())) => {}
-                    }
-                }
+            if let (true, Some(from), Some(to)) =
+                (bypass.wanted(ahead), backend_r.tcp(), client_w.tcp())
+            {
                 // Nothing can be due to the client before these bytes: a local reply waits
                 // for a boundary, and `out` is empty.
-                if pipe.is_none() {
-                    // Out of descriptors: the bytes take the copying path below, without a
-                    // new attempt for every read of this body.
-                    pipe = Pipe::new().ok();
-                    no_pipe = pipe.is_none();
-                    bulk &= !no_pipe;
-                }
-                if let Some(p) = &pipe {
-                    let max = if bulk { u64::MAX } else { ahead };
-                    match p.forward(from, to, max).await {
-                        Ok(n) => {
-                            touch(&last);
-                            if !bulk {
-                                down.skipped(n as u64);
-                            }
-                            to_client.fetch_add(n as u64, Ordering::Relaxed);
-                            zero_copied.fetch_add(n as u64, Ordering::Relaxed);
-                            if !bulk && down.opaque_ahead() == 0 {
-                                pipe = None;
-                            }
-                            continue;
+                match bypass.forward(ahead, from, to).await {
+                    Moved::Bytes { n, literal } => {
+                        touch(&last);
+                        if literal {
+                            down.skipped(n as u64);
+                            bypass.run_left(down.opaque_ahead());
                         }
-                        Err(Stop::Eof) => {
-                            let _ = client_w.shutdown().await;
-                            return SpliceEnd::Closed;
-                        }
-                        Err(Stop::Io(_)) => return SpliceEnd::Error,
+                        to_client.fetch_add(n as u64, Ordering::Relaxed);
+                        zero_copied.fetch_add(n as u64, Ordering::Relaxed);
+                        continue;
                     }
+                    Moved::Paused => continue,
+                    Moved::Copy => {}
+                    Moved::Eof => {
+                        let _ = client_w.shutdown().await;
+                        return SpliceEnd::Closed;
+                    }
+                    Moved::Error => return SpliceEnd::Error,
                 }
             }
             tokio::select! {
@@ -507,9 +616,7 @@ where
                     Ok(n) => {
                         touch(&last);
                         size.filled(n);
-                        // A long read in a session that examines nothing: a transfer has
-                        // begun; what follows it goes socket to socket.
-                        bulk = !no_pipe && down.all_opaque() && n as u64 >= ZERO_COPY_MIN;
+                        bypass.read(n, down.all_opaque());
                     }
                     Err(_) => return SpliceEnd::Error,
                 }
@@ -550,6 +657,7 @@ where
         to_backend: to_backend.load(Ordering::Relaxed),
         to_client: to_client.load(Ordering::Relaxed),
         to_client_zero_copy: zero_copied.load(Ordering::Relaxed),
+        to_backend_zero_copy: zero_copied_up.load(Ordering::Relaxed),
         end,
     }
 }
@@ -700,6 +808,83 @@ mod tests {
             stats.to_client_zero_copy
         );
         assert!(stats.to_client_zero_copy < total - 9);
+    }
+
+    /// An `APPEND` body far over the threshold goes to the backend through the pipe, the
+    /// framer's state after it is the same as if it had read it (the `UNAUTHENTICATE` that
+    /// follows is still refused), and the literal of a refused command is never forwarded.
+    #[tokio::test]
+    async fn append_bodies_go_through_the_pipe_and_framing_survives_them() {
+        let (mut client, client_leg) = pair().await;
+        let (backend_leg, mut backend) = pair().await;
+        let session = tokio::spawn(run(
+            (CommandFramer::new(), ResponseFramer::new()),
+            Conn::Plain(client_leg),
+            Conn::Plain(backend_leg),
+            Vec::new(),
+            Vec::new(),
+            Duration::from_secs(30),
+            CancellationToken::new(),
+        ));
+        // Command-like lines inside the body must pass as data.
+        let body: Vec<u8> = (0..1_500_000u32)
+            .flat_map(|i| format!("x{i} UNAUTHENTICATE\r\n").into_bytes())
+            .take(1_500_000)
+            .collect();
+        let refused_body = vec![b'z'; 100_000];
+        let mut sent = format!("a APPEND INBOX {{{}+}}\r\n", body.len()).into_bytes();
+        sent.extend_from_slice(&body);
+        sent.extend_from_slice(b"\r\n");
+        let mut refused = format!("b UNAUTHENTICATE {{{}+}}\r\n", refused_body.len()).into_bytes();
+        refused.extend_from_slice(&refused_body);
+        refused.extend_from_slice(b"\r\nc NOOP\r\n");
+        let mut want = sent.clone();
+        want.extend_from_slice(b"c NOOP\r\n");
+        let writer = tokio::spawn(async move {
+            for chunk in sent.chunks(70_000) {
+                client.write_all(chunk).await.unwrap();
+            }
+            client.write_all(&refused).await.unwrap();
+            client
+        });
+        let mut got = vec![0u8; want.len()];
+        backend.read_exact(&mut got).await.unwrap();
+        assert!(got == want, "the backend got something else");
+        let mut client = writer.await.unwrap();
+        backend
+            .write_all(b"a OK appended\r\nc OK noop\r\n")
+            .await
+            .unwrap();
+        let mut answers = Vec::new();
+        let expected: &[u8] =
+            b"a OK appended\r\nb NO [CANNOT] UNAUTHENTICATE is not available\r\nc OK noop\r\n";
+        while answers.len() < expected.len() {
+            let mut buf = [0u8; 256];
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            answers.extend_from_slice(&buf[..n]);
+        }
+        // The refusal may come before or after the backend's answers (it is queued locally).
+        let text = String::from_utf8(answers).unwrap();
+        assert!(text.contains("b NO [CANNOT]"), "{text}");
+        assert!(text.contains("a OK appended\r\n") && text.contains("c OK noop\r\n"));
+        drop(client);
+        let mut rest = Vec::new();
+        backend.read_to_end(&mut rest).await.unwrap();
+        assert!(
+            rest.is_empty(),
+            "forwarded after NOOP: {} bytes",
+            rest.len()
+        );
+        drop(backend);
+        let stats = session.await.unwrap();
+        assert_eq!(stats.to_backend, want.len() as u64);
+        assert!(
+            stats.to_backend_zero_copy > 1_300_000
+                && stats.to_backend_zero_copy <= body.len() as u64,
+            "zero_copy_to_backend={}",
+            stats.to_backend_zero_copy
+        );
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Zero-copy forwarding between two cleartext sockets: `splice(2)` from one socket into a pipe
 //! and from the pipe into the other, so the bytes of a message body never enter the proxy's
-//! memory. Used after login for the bytes a framer has no interest in: an IMAP literal, whose
-//! length the framer already read in its announcement, and the bulk transfers of sessions that
-//! examine nothing after login (a POP3 `RETR`), from their first long read until the backend
-//! pauses.
+//! memory. Used after login, in both directions, for the bytes a framer has no interest in: an
+//! IMAP literal (a `FETCH` body to the client, an `APPEND` body to the backend), whose length
+//! the framer already read in its announcement, and the bulk transfers of sessions that examine
+//! nothing after login (a POP3 `RETR`, an SMTP `DATA`), from their first long read until the
+//! sender pauses.
 //!
 //! On loopback a downloaded mailbox otherwise costs a copy from the kernel into a buffer and a
 //! copy back, and that share of a core was taken from the backend and the reader (see

@@ -740,6 +740,65 @@ fn cleartext_fetches_arrive_byte_exact_with_long_bodies_spliced_past_the_proxy()
 }
 
 #[test]
+fn cleartext_append_arrives_byte_exact_with_the_body_spliced_past_the_proxy() {
+    let (dovecot, proxy) = setup();
+    // Python's imaplib sends the message as a synchronizing literal and waits for the
+    // backend's "+" before it; the body holds command-like lines that must pass as data.
+    // The stored message is read back directly from Dovecot with the master login.
+    let code = r#"
+import imaplib, os
+lines = []
+size = 0
+i = 0
+while size < 3 << 20:
+    lines.append(("x%d UNAUTHENTICATE line %016x %s\r\n" % (i, i, "z" * (i % 53))).encode())
+    size += len(lines[-1])
+    i += 1
+body = b"Subject: big\r\n\r\n" + b"".join(lines)
+c = imaplib.IMAP4("127.0.0.1", int(os.environ["PROXY_PORT"]))
+c.login("alice", "alice-password")
+typ, data = c.append("INBOX", None, None, body)
+assert typ == "OK", (typ, data)
+typ, data = c.noop()
+assert typ == "OK", (typ, data)
+c.logout()
+d = imaplib.IMAP4("127.0.0.1", int(os.environ["BACKEND_PORT"]))
+d.login(os.environ["MASTER_LOGIN"], os.environ["MASTER_SECRET"])
+d.select("INBOX", readonly=True)
+typ, data = d.fetch("1", "(BODY.PEEK[])")
+assert typ == "OK", (typ, data)
+stored = data[0][1]
+assert stored == body, "stored %d bytes, sent %d" % (len(stored), len(body))
+d.logout()
+print(len(body))
+"#;
+    let proxy_port = proxy.imap_plain.to_string();
+    let backend_port = dovecot.imap_port().to_string();
+    let master_login = dovecot.master_login_for(ALICE);
+    let (code_rc, out, err) = common::clients::run_python(
+        code,
+        &[
+            ("PROXY_PORT", &proxy_port),
+            ("BACKEND_PORT", &backend_port),
+            ("MASTER_LOGIN", &master_login),
+            ("MASTER_SECRET", dovecot.master_secret()),
+        ],
+    );
+    assert_eq!(code_rc, Some(0), "{out}\n{err}");
+    let sent: u64 = out
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{out}\n{err}"));
+    assert_eq!(dovecot.message_count(ALICE, "INBOX"), 1);
+    // All of the body but what arrived in a read with its APPEND line.
+    let zero_copy = proxy.first_session_zero_copy_to_backend();
+    assert!(
+        zero_copy > sent - 64 * 1024 && zero_copy <= sent,
+        "zero_copy_to_backend={zero_copy} of {sent}"
+    );
+}
+
+#[test]
 fn both_schedulers_serve_concurrent_logins_and_per_core_uses_every_runtime() {
     // Connections are spread over the runtimes by a hash of their addresses: with 20, all on
     // one of two runtimes has a chance of one in half a million.

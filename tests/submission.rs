@@ -431,3 +431,61 @@ fn clients_arriving_during_the_first_probe_wait_for_it() {
         "one probe serves every waiting session"
     );
 }
+
+#[test]
+fn cleartext_data_of_a_large_message_arrives_intact_mostly_socket_to_socket() {
+    let dovecot = Dovecot::start();
+    // A cleartext submission listener (loopback only), so both legs are plain sockets.
+    let plain = common::ports::free_port();
+    let mut opts = ProxyOptions::file_users(dovecot.imap_port(), dovecot.master_secret());
+    opts.extra = format!(
+        "[[listener]]\nprotocol = \"submission\"\nbind = [\"127.0.0.1:{plain}\"]\ntls = \"none\"\nallow_plaintext_auth = true\n"
+    );
+    let proxy = setup_with(&dovecot, opts);
+    assert!(common::ports::wait_for_port(plain, Duration::from_secs(10)));
+    // Python's smtplib over the plain listener; the body holds lines that look like SMTP
+    // commands, which must pass as data.
+    let code = r#"
+import os, smtplib
+lines = []
+size = 0
+i = 0
+while size < 3 << 20:
+    lines.append(("RCPT TO:<x%d@example.org> %016x %s\r\n" % (i, i, "q" * (i % 47))).encode())
+    size += len(lines[-1])
+    i += 1
+body = b"".join(lines)
+msg = b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: big\r\n\r\n" + body
+s = smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]))
+s.login("alice", "alice-password")
+s.sendmail("alice@example.org", ["bob@example.org"], msg)
+s.quit()
+open(os.environ["BODY_FILE"], "wb").write(body)
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let body_file = dir.path().join("body");
+    let (rc, out, err) = common::clients::run_python(
+        code,
+        &[
+            ("PORT", &plain.to_string()),
+            ("BODY_FILE", body_file.to_str().unwrap()),
+        ],
+    );
+    assert_eq!(rc, Some(0), "{out}\n{err}");
+    let body = std::fs::read(&body_file).unwrap();
+    let messages = dovecot.sink().wait_for_messages(1, Duration::from_secs(10));
+    assert_eq!(messages.len(), 1, "{}", proxy.log());
+    assert_eq!(messages[0].rcpt_to, vec![BOB.to_string()]);
+    assert!(
+        messages[0].data.ends_with(&body),
+        "the relayed message differs ({} bytes, body {})",
+        messages[0].data.len(),
+        body.len()
+    );
+    let zero_copy = proxy.first_session_zero_copy_to_backend();
+    let sent = body.len() as u64;
+    assert!(
+        zero_copy > sent / 2 && zero_copy <= sent + 200,
+        "zero_copy_to_backend={zero_copy} of {sent}"
+    );
+}

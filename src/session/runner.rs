@@ -137,7 +137,7 @@ where
                 })
                 .inc_by(n);
         }
-        info!(event = "session_end", account = %LogName(account.as_bytes()), to_backend = stats.to_backend, to_client = stats.to_client, zero_copy = stats.to_client_zero_copy, end = ?stats.end, "session ended");
+        info!(event = "session_end", account = %LogName(account.as_bytes()), to_backend = stats.to_backend, to_client = stats.to_client, zero_copy = stats.to_client_zero_copy, zero_copy_to_backend = stats.to_backend_zero_copy, end = ?stats.end, "session ended");
     }
 }
 

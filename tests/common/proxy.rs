@@ -332,13 +332,25 @@ per_ip_new_per_minute = 10000
     /// Of the first session that ended, the bytes that went backend to client socket to socket
     /// (its `session ended` line's `zero_copy`); waits up to 5 s for that line.
     pub fn first_session_zero_copy(&self) -> u64 {
+        self.first_session_end_field("zero_copy")
+    }
+
+    /// Of the first session that ended, the bytes that went client to backend socket to socket
+    /// (`zero_copy_to_backend`).
+    pub fn first_session_zero_copy_to_backend(&self) -> u64 {
+        self.first_session_end_field("zero_copy_to_backend")
+    }
+
+    /// A numeric field of the first `session ended` line; waits up to 5 s for that line.
+    fn first_session_end_field(&self, name: &str) -> u64 {
+        let key = format!(" {name}=");
         for _ in 0..50 {
             let found = self
                 .log()
                 .lines()
-                .find(|l| l.contains("session ended") && l.contains("zero_copy="))
+                .find(|l| l.contains("session ended") && l.contains(&key))
                 .and_then(|l| {
-                    let v = l.split("zero_copy=").nth(1)?;
+                    let v = l.split(&key).nth(1)?;
                     v.split(|c: char| !c.is_ascii_digit())
                         .next()?
                         .parse::<u64>()
@@ -349,7 +361,7 @@ per_ip_new_per_minute = 10000
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("no session end with zero_copy: {}", self.log())
+        panic!("no session end with {name}: {}", self.log())
     }
 
     pub fn pid(&self) -> i32 {

@@ -224,6 +224,29 @@ impl CommandFramer {
     pub fn at_boundary(&self) -> bool {
         self.state == ClientState::CommandStart && self.head.is_empty()
     }
+
+    /// Bytes of an open literal that `push` would forward unchanged (an `APPEND` body), so
+    /// they may also reach the backend without it (see [`Self::skip_literal`]). The literal
+    /// of a refused command is discarded, never forwarded, so it does not count.
+    pub fn literal_left(&self) -> u64 {
+        match self.state {
+            ClientState::Literal(n) => n,
+            _ => 0,
+        }
+    }
+
+    /// Accounts for `n` literal bytes that went to the backend without `push`: the same state
+    /// as pushing them (bytes beyond the open literal are not literal and are ignored).
+    pub fn skip_literal(&mut self, n: u64) {
+        if let ClientState::Literal(left) = self.state {
+            let left = left.saturating_sub(n);
+            self.state = if left == 0 {
+                ClientState::Line
+            } else {
+                ClientState::Literal(left)
+            };
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -564,5 +587,80 @@ mod tests {
             prop_assert_eq!(skipping.state, pushed.state);
             prop_assert_eq!(skipping.at_boundary(), pushed.at_boundary());
         }
+
+        /// The same for the client side (`APPEND` bodies to the backend), with refused
+        /// commands in the mix: their literals are never offered for skipping.
+        #[test]
+        fn skipping_command_literal_bytes_equals_pushing_them(
+            parts in proptest::collection::vec(
+                prop_oneof![
+                    proptest::collection::vec(any::<u8>(), 0..200),
+                    (0usize..3000, any::<bool>(), any::<bool>()).prop_map(|(n, sync, refused)| {
+                        let name = if refused { "UNAUTHENTICATE" } else { "APPEND INBOX" };
+                        let plus = if sync { "" } else { "+" };
+                        format!("t {name} {{{n}{plus}}}\r\n").into_bytes()
+                            .into_iter().chain(std::iter::repeat_n(b'x', n)).chain(*b"\r\n").collect()
+                    }),
+                ],
+                0..8,
+            ),
+            chunk in 1usize..700,
+            skip_share in 1u64..4,
+        ) {
+            let data: Vec<u8> = parts.concat();
+            let mut pushed = CommandFramer::new();
+            let mut expected = ClientOutput::default();
+            for c in data.chunks(chunk) {
+                let o = pushed.push(c);
+                expected.forward.extend_from_slice(&o.forward);
+                expected.replies.extend(o.replies);
+                expected.abort |= o.abort;
+            }
+            let mut skipping = CommandFramer::new();
+            let mut got = ClientOutput::default();
+            let mut rest = &data[..];
+            while !rest.is_empty() {
+                let left = skipping.literal_left();
+                if left > 0 {
+                    let n = (left / skip_share).max(1).min(rest.len() as u64) as usize;
+                    got.forward.extend_from_slice(&rest[..n]);
+                    skipping.skip_literal(n as u64);
+                    rest = &rest[n..];
+                } else {
+                    let n = chunk.min(rest.len());
+                    let o = skipping.push(&rest[..n]);
+                    got.forward.extend_from_slice(&o.forward);
+                    got.replies.extend(o.replies);
+                    got.abort |= o.abort;
+                    rest = &rest[n..];
+                    if got.abort {
+                        break;
+                    }
+                }
+            }
+            if !expected.abort {
+                prop_assert_eq!(got, expected);
+                prop_assert_eq!(skipping.state, pushed.state);
+                prop_assert_eq!(skipping.at_boundary(), pushed.at_boundary());
+            }
+        }
+    }
+
+    #[test]
+    fn refused_literals_are_never_offered_for_skipping() {
+        let mut f = CommandFramer::new();
+        let o = f.push(b"b UNAUTHENTICATE {100000+}\r\n");
+        assert!(o.forward.is_empty());
+        assert_eq!(f.literal_left(), 0);
+        f.skip_literal(10);
+        let o = f.push(b"x");
+        assert!(o.forward.is_empty(), "discarded literal byte was forwarded");
+        let mut f = CommandFramer::new();
+        f.push(b"a APPEND INBOX {100000+}\r\n");
+        assert_eq!(f.literal_left(), 100_000);
+        f.skip_literal(99_999);
+        assert_eq!(f.literal_left(), 1);
+        assert_eq!(f.push(b"x\r\nc NOOP\r\n").forward, b"x\r\nc NOOP\r\n");
+        assert!(f.at_boundary());
     }
 }
