@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::proto::imap::framer::{ClientOutput, CommandFramer, ResponseFramer};
 use crate::stream::Conn;
-use crate::zerocopy::{Pipe, Stop};
+use crate::zerocopy::{Pipe, Run, Stop};
 
 /// Smallest read per direction. IMAP IDLE updates and interactive answers fit; anything bigger
 /// grows the reads within a few.
@@ -413,6 +413,11 @@ impl Bypass {
 
     /// Moves the next bytes (at most `ahead` of an announced run; any number in bulk) from
     /// `from` to `to` through the pipe.
+    ///
+    /// Callers box this future: with its timer and readiness waits it is the largest state
+    /// of a direction's loop, and inline it would be part of every session's task, idle or
+    /// not. Boxed, only a session moving a body pays for it, one allocation per move of up
+    /// to a pipe's capacity.
     async fn forward(&mut self, ahead: u64, from: &TcpStream, to: &TcpStream) -> Moved {
         if self.bulk {
             // The pipe is kept only while the sender keeps sending.
@@ -434,8 +439,12 @@ impl Bypass {
         let Some(pipe) = &self.pipe else {
             return Moved::Copy;
         };
-        let max = if self.bulk { u64::MAX } else { ahead };
-        match pipe.forward(from, to, max).await {
+        let run = if self.bulk {
+            Run::Open
+        } else {
+            Run::Announced(ahead)
+        };
+        match pipe.forward(from, to, run).await {
             Ok(n) => Moved::Bytes {
                 n,
                 literal: !self.bulk,
@@ -521,8 +530,9 @@ where
             if let (true, Some(from), Some(to)) =
                 (bypass.wanted(ahead), client_r.tcp(), backend_w.tcp())
             {
-                // `pending` is empty: everything read so far went through the framer.
-                match bypass.forward(ahead, from, to).await {
+                // `pending` is empty: everything read so far went through the framer. Boxed
+                // (see `Bypass::forward`).
+                match Box::pin(bypass.forward(ahead, from, to)).await {
                     Moved::Bytes { n, literal } => {
                         touch(&last);
                         if literal {
@@ -585,8 +595,8 @@ where
                 (bypass.wanted(ahead), backend_r.tcp(), client_w.tcp())
             {
                 // Nothing can be due to the client before these bytes: a local reply waits
-                // for a boundary, and `out` is empty.
-                match bypass.forward(ahead, from, to).await {
+                // for a boundary, and `out` is empty. Boxed (see `Bypass::forward`).
+                match Box::pin(bypass.forward(ahead, from, to)).await {
                     Moved::Bytes { n, literal } => {
                         touch(&last);
                         if literal {

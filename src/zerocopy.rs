@@ -34,6 +34,15 @@ pub struct Pipe {
     capacity: usize,
 }
 
+/// What is being forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Run {
+    /// The rest of a run whose length was announced (an IMAP literal): this many bytes.
+    Announced(u64),
+    /// A transfer of unknown length (a POP3 `RETR` seen as bulk).
+    Open,
+}
+
 /// How a forward ended early.
 #[derive(Debug)]
 pub enum Stop {
@@ -66,17 +75,20 @@ impl Pipe {
         })
     }
 
-    /// Moves up to `max` bytes (at least one unless `from` is at its end) from `from` to `to`,
-    /// waiting for readiness as needed, and returns how many. Whatever enters the pipe is sent
-    /// out before this returns, so the pipe is empty between calls and a dropped future (the
-    /// session ending) loses only bytes of a session that is over.
+    /// Moves bytes of `run` (at least one unless `from` is at its end; never more than an
+    /// announced run's rest) from `from` to `to`, waiting for readiness as needed, and returns
+    /// how many. Whatever enters the pipe is sent out before this returns, so the pipe is empty
+    /// between calls and a dropped future (the session ending) loses only bytes of a session
+    /// that is over.
     ///
     /// # Errors
     /// [`Stop::Eof`] if `from` closed first; [`Stop::Io`] on an error.
-    pub async fn forward(&self, from: &TcpStream, to: &TcpStream, max: u64) -> Result<usize, Stop> {
-        let want = usize::try_from(max)
-            .unwrap_or(usize::MAX)
-            .min(self.capacity);
+    pub async fn forward(&self, from: &TcpStream, to: &TcpStream, run: Run) -> Result<usize, Stop> {
+        let max = match run {
+            Run::Announced(left) => usize::try_from(left).unwrap_or(usize::MAX),
+            Run::Open => usize::MAX,
+        };
+        let want = max.min(self.capacity);
         let filled = loop {
             match from.try_io(Interest::READABLE, || {
                 splice(
@@ -97,18 +109,20 @@ impl Pipe {
                 Err(e) => return Err(Stop::Io(e)),
             }
         };
+        // The rest of an announced run will follow: say so, and the kernel fills whole
+        // segments on `to` instead of sending one per pipe buffer (a backend reading an
+        // upload gets fewer, larger reads). Never for a run of unknown length, whose last
+        // piece must not wait for bytes that may never come.
+        let mut out_flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+        if let Run::Announced(left) = run {
+            if (filled as u64) < left {
+                out_flags |= SpliceFFlags::SPLICE_F_MORE;
+            }
+        }
         let mut left = filled;
         while left > 0 {
             match to.try_io(Interest::WRITABLE, || {
-                splice(
-                    &self.read,
-                    None,
-                    to,
-                    None,
-                    left,
-                    SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
-                )
-                .map_err(io::Error::from)
+                splice(&self.read, None, to, None, left, out_flags).map_err(io::Error::from)
             }) {
                 Ok(0) => return Err(Stop::Io(io::ErrorKind::WriteZero.into())),
                 Ok(n) => left -= n,
@@ -154,7 +168,10 @@ pub(crate) mod tests {
         let pipe = Pipe::new().unwrap();
         let mut left = 300_000u64;
         while left > 0 {
-            let n = pipe.forward(&src, &dst, left).await.unwrap();
+            let n = pipe
+                .forward(&src, &dst, Run::Announced(left))
+                .await
+                .unwrap();
             assert!(n > 0 && n as u64 <= left && n <= pipe.capacity);
             left -= n as u64;
         }
@@ -175,7 +192,13 @@ pub(crate) mod tests {
         src_far.write_all(b"short").await.unwrap();
         drop(src_far);
         let pipe = Pipe::new().unwrap();
-        assert_eq!(pipe.forward(&src, &dst, 100).await.unwrap(), 5);
-        assert!(matches!(pipe.forward(&src, &dst, 95).await, Err(Stop::Eof)));
+        assert_eq!(
+            pipe.forward(&src, &dst, Run::Announced(100)).await.unwrap(),
+            5
+        );
+        assert!(matches!(
+            pipe.forward(&src, &dst, Run::Announced(95)).await,
+            Err(Stop::Eof)
+        ));
     }
 }
