@@ -8,11 +8,11 @@
 #   bench/compare.sh --leak 600           # adds the 10-minute RSS leak loop
 #
 # Options:
-#   --duration S     seconds per measured cell (default 10; fetch/append/retr use S*0.8)
+#   --duration S     seconds per measured cell (default 10; fetch/append/retr/send use S*0.8)
 #   --conc "LIST"    login concurrencies (default "1 16 64")
 #   --protos "LIST"  login protocols (default "imap pop3 smtp"; pop3/smtp at --conc-other)
 #   --conc-other "L" concurrencies for pop3/smtp (default "16")
-#   --only "LIST"    any of login,fetch,append,retr,idle,http (default all)
+#   --only "LIST"    any of login,fetch,append,retr,send,idle,http (default all)
 #   --idle N         idle connections per contestant (default 3000; Dovecot allows 4096)
 #   --reps N         interleaved repetitions; tables show medians (default 1)
 #   --leak S         also run an S-second TLS login loop at c=16 against Portcullis, sampling RSS
@@ -26,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
-DURATION=10 CONC="1 16 64" PROTOS="imap pop3 smtp" CONC_OTHER="16" ONLY="login,fetch,append,retr,idle,http"
+DURATION=10 CONC="1 16 64" PROTOS="imap pop3 smtp" CONC_OTHER="16" ONLY="login,fetch,append,retr,send,idle,http"
 IDLE_N=3000 REPS=1 LEAK=0 WRITE=1 KEEP=0 SCHEDULER=per-core
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -91,8 +91,8 @@ trap "exit 130" INT TERM
 
 read -r P_D_IMAP P_D_IMAPS P_D_POP3 P_D_POP3S P_D_SUB P_D_SUBS \
   P_N_IMAP P_N_IMAPS P_N_IMAP_BIG P_N_IMAPS_BIG P_N_POP3 P_N_POP3S P_N_POP3_BIG P_N_POP3S_BIG \
-  P_N_SMTP P_N_SMTPS \
-  P_P_IMAP P_P_IMAPS P_P_POP3 P_P_POP3S P_P_SUB P_P_SUBS P_SINK P_P_HTTP P_P_HTTPS <<<"$("$LOADGEN" free-ports 25)"
+  P_N_SMTP P_N_SMTPS P_N_SMTP_BIG P_N_SMTPS_BIG \
+  P_P_IMAP P_P_IMAPS P_P_POP3 P_P_POP3S P_P_SUB P_P_SUBS P_SINK P_P_HTTP P_P_HTTPS <<<"$("$LOADGEN" free-ports 27)"
 
 PASSWORD=benchpass MASTER=master MASTER_SECRET=master-secret-$$ USERS=200
 
@@ -108,7 +108,7 @@ fi
 cp "$CERT" "$T/cert.pem"; cp "$KEY" "$T/key.pem"; chmod 644 "$T/cert.pem" "$T/key.pem"
 
 # ---- an SMTP sink for Dovecot's submission relay (connected at every submission login) ------
-python3 -W ignore -m smtpd -n -c DebuggingServer "127.0.0.1:$P_SINK" >/dev/null 2>&1 &
+"$LOADGEN" smtpsink --listen "127.0.0.1:$P_SINK" >/dev/null 2>"$T/smtpsink.log" &
 PIDS+=($!)
 
 # ---- Dovecot (the backend; master user with separator %) ------------------------------------
@@ -263,6 +263,8 @@ $(ng_server "$P_N_POP3_BIG" pop3 "" "proxy_buffer 256k;")
 $(ng_server "$P_N_POP3S_BIG" pop3 1 "proxy_buffer 256k;")
 $(ng_server "$P_N_SMTP" smtp "" "proxy_smtp_auth on; xclient off;")
 $(ng_server "$P_N_SMTPS" smtp 1 "proxy_smtp_auth on; xclient off;")
+$(ng_server "$P_N_SMTP_BIG" smtp "" "proxy_smtp_auth on; xclient off; proxy_buffer 256k;")
+$(ng_server "$P_N_SMTPS_BIG" smtp 1 "proxy_smtp_auth on; xclient off; proxy_buffer 256k;")
 }
 EOF
 start_nginx() {
@@ -372,7 +374,8 @@ addr() { # contestant proto tls [big] -> port
     nginx/imap/0/big) echo "$P_N_IMAP_BIG" ;; nginx/imap/1/big) echo "$P_N_IMAPS_BIG" ;;
     nginx/pop3/0/) echo "$P_N_POP3" ;; nginx/pop3/1/) echo "$P_N_POP3S" ;;
     nginx/pop3/0/big) echo "$P_N_POP3_BIG" ;; nginx/pop3/1/big) echo "$P_N_POP3S_BIG" ;;
-    nginx/smtp/0/*) echo "$P_N_SMTP" ;; nginx/smtp/1/*) echo "$P_N_SMTPS" ;;
+    nginx/smtp/0/) echo "$P_N_SMTP" ;; nginx/smtp/1/) echo "$P_N_SMTPS" ;;
+    nginx/smtp/0/big) echo "$P_N_SMTP_BIG" ;; nginx/smtp/1/big) echo "$P_N_SMTPS_BIG" ;;
     portcullis/imap/0/*) echo "$P_P_IMAP" ;; portcullis/imap/1/*) echo "$P_P_IMAPS" ;;
     portcullis/pop3/0/*) echo "$P_P_POP3" ;; portcullis/pop3/1/*) echo "$P_P_POP3S" ;;
     portcullis/smtp/0/*) echo "$P_P_SUB" ;; portcullis/smtp/1/*) echo "$P_P_SUBS" ;;
@@ -451,6 +454,16 @@ for REP in $(seq 1 "$REPS"); do
       for who in $order; do
         run retr "$who" pop3 "$s" "$(addr "$who" pop3 "$s")" -c 1 -t "$FETCH_S" --prep-addr "127.0.0.1:$P_D_IMAP"
         [ "$who" = nginx ] && run retr nginx-256k pop3 "$s" "$(addr nginx pop3 "$s" big)" -c 1 -t "$FETCH_S" --prep-addr "127.0.0.1:$P_D_IMAP"
+      done
+    done
+  fi
+  if want send; then
+    # A large message submitted over SMTP (Dovecot relays it to the sink, which discards it).
+    for s in 0 1; do
+      echo "== rep $REP send 4 MiB over submission tls=$s c=1"
+      for who in $order; do
+        run send "$who" smtp "$s" "$(addr "$who" smtp "$s")" -c 1 -t "$FETCH_S"
+        [ "$who" = nginx ] && run send nginx-256k smtp "$s" "$(addr nginx smtp "$s" big)" -c 1 -t "$FETCH_S"
       done
     done
   fi

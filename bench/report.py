@@ -133,7 +133,8 @@ if http:
 
 for mode, proto, title in (("fetch", "imap", "FETCH of a 4 MiB message (logged in once, repeated)"),
                            ("append", "imap", "APPEND of a 4 MiB message (then expunged)"),
-                           ("retr", "pop3", "POP3 RETR of a 4 MiB message (logged in once, repeated)")):
+                           ("retr", "pop3", "POP3 RETR of a 4 MiB message (logged in once, repeated)"),
+                           ("send", "smtp", "SMTP submission of a 4 MiB message (MAIL, RCPT, DATA; logged in once, repeated)")):
     keys = sorted({(k[2], k[3]) for k in cells if k[0] == mode})
     if not keys:
         continue

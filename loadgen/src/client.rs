@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use crate::dotend::DotEnd;
+
 /// The protocols the generator speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Proto {
@@ -312,30 +314,19 @@ impl Conn {
     /// `RETR n`, read to the end of its multi-line answer without looking at lines: the bytes
     /// are only searched for the terminating `CRLF . CRLF`, as a mail client's download would.
     pub async fn pop3_retr(&mut self, n: u32) -> io::Result<()> {
-        const END: &[u8] = b"\r\n.\r\n";
         self.send(format!("RETR {n}\r\n").as_bytes()).await?;
         self.pop3_ok().await?;
-        // The last bytes seen, for a terminator split between two reads; the status line's
-        // CRLF counts (an empty message is just `.` CRLF).
-        let mut carry: Vec<u8> = b"\r\n".to_vec();
+        let mut end = DotEnd::new();
         loop {
             let buf = self.io.fill_buf().await?;
             if buf.is_empty() {
                 return Err(err("connection closed inside a RETR answer"));
             }
-            let mut joint = carry.clone();
-            joint.extend_from_slice(&buf[..buf.len().min(END.len() - 1)]);
-            let end = match memchr::memmem::find(&joint, END) {
-                Some(i) => Some(i + END.len() - carry.len()),
-                None => memchr::memmem::find(buf, END).map(|i| i + END.len()),
-            };
-            let take = end.unwrap_or(buf.len());
-            carry.extend_from_slice(&buf[take.saturating_sub(END.len() - 1)..take]);
-            let keep = carry.len().saturating_sub(END.len() - 1);
-            carry.drain(..keep);
+            let found = end.scan(buf);
+            let take = found.unwrap_or(buf.len());
             self.io.consume(take);
             self.received += take as u64;
-            if end.is_some() {
+            if found.is_some() {
                 return Ok(());
             }
         }
@@ -363,6 +354,20 @@ impl Conn {
     pub async fn smtp(&mut self, cmd: &str, code: &[u8; 3]) -> io::Result<()> {
         self.send(format!("{cmd}\r\n").as_bytes()).await?;
         self.smtp_reply(code).await
+    }
+
+    /// One message submission: `MAIL`, `RCPT`, `DATA`, the body and its terminator, each step
+    /// waiting for its reply (no PIPELINING, which not every contestant offers). `msg` must end
+    /// in CRLF and have no line starting with a dot.
+    pub async fn smtp_send(&mut self, msg: &[u8]) -> io::Result<()> {
+        self.smtp("MAIL FROM:<bench@example.org>", b"250").await?;
+        self.smtp("RCPT TO:<sink@example.org>", b"250").await?;
+        self.smtp("DATA", b"354").await?;
+        let w = self.io.get_mut();
+        w.write_all(msg).await?;
+        w.write_all(b".\r\n").await?;
+        w.flush().await?;
+        self.smtp_reply(b"250").await
     }
 
     // ---- HTTP ----

@@ -1,4 +1,4 @@
-//! What the generator's two small HTTP servers (`authhttp`, `httpbackend`) share: binding and
+//! What the generator's small servers (`authhttp`, `httpbackend`, `smtpsink`) share: binding and
 //! announcing the port, the accept loop, and reading one bounded request head.
 
 use std::future::Future;

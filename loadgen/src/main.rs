@@ -4,11 +4,14 @@
 //!   seconds; logins/s, login and session latency percentiles, errors. IMAP, POP3, SMTP, and
 //!   HTTP (two `GET`s with Basic auth on one keep-alive connection).
 //! - `fetch` / `append`: log in once per connection, then FETCH a large message repeatedly, or
-//!   APPEND one (and expunge it again); MiB/s.
+//!   APPEND one (and expunge it again); MiB/s. `retr` and `send` do the same over POP3 (`RETR`)
+//!   and SMTP submission (`MAIL`, `RCPT`, `DATA`).
 //! - `idle`: open N authenticated IMAP connections in IDLE and hold them; the watched processes'
 //!   RSS growth per connection.
 //! - `authhttp`: the nginx `auth_http` answerer both proxies ask (see `authhttp.rs`).
 //! - `httpbackend`: a minimal HTTP backend for the HTTP cells (see `httpbackend.rs`).
+//! - `smtpsink`: the SMTP server Dovecot's submission relays to; discards bodies (see
+//!   `smtpsink.rs`).
 //! - `free-ports`: prints free loopback TCP ports for the script.
 //!
 //! Every run prints one JSON object on stdout. With `--pids`, the CPU time (utime + stime from
@@ -17,9 +20,11 @@
 
 mod authhttp;
 mod client;
+mod dotend;
 mod httpbackend;
 mod httpserve;
 mod procstat;
+mod smtpsink;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -49,10 +54,17 @@ enum Cmd {
     Append(ThroughputArgs),
     /// POP3 `RETR 1` repeated (a mailbox download); the message is placed over IMAP first.
     Retr(ThroughputArgs),
+    /// SMTP submission of a large message repeated (`MAIL`, `RCPT`, `DATA`) on one session.
+    Send(ThroughputArgs),
     Idle(IdleArgs),
     Authhttp(AuthHttpArgs),
     /// A minimal HTTP backend for the HTTP cells (see `httpbackend.rs`); prints its port.
     Httpbackend(HttpBackendArgs),
+    /// The SMTP relay target for Dovecot's submission service; prints its port.
+    Smtpsink {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
     FreePorts {
         count: usize,
     },
@@ -118,6 +130,7 @@ enum Transfer {
     Fetch,
     Append,
     Retr,
+    Send,
 }
 
 #[derive(Args)]
@@ -178,6 +191,7 @@ fn main() {
             Cmd::Fetch(a) => throughput(a, Transfer::Fetch).await,
             Cmd::Append(a) => throughput(a, Transfer::Append).await,
             Cmd::Retr(a) => throughput(a, Transfer::Retr).await,
+            Cmd::Send(a) => throughput(a, Transfer::Send).await,
             Cmd::Idle(a) => idle(a).await,
             Cmd::Httpbackend(a) => {
                 let listener = httpserve::bind(a.listen).await;
@@ -188,6 +202,13 @@ fn main() {
                 };
                 if let Err(e) = httpbackend::serve(listener, settings).await {
                     eprintln!("httpbackend: {e}");
+                    std::process::exit(1);
+                }
+                Value::Null
+            }
+            Cmd::Smtpsink { listen } => {
+                if let Err(e) = smtpsink::serve(httpserve::bind(listen).await).await {
+                    eprintln!("smtpsink: {e}");
                     std::process::exit(1);
                 }
                 Value::Null
@@ -399,8 +420,9 @@ async fn throughput(a: ThroughputArgs, kind: Transfer) -> Value {
         Transfer::Fetch => "fetch",
         Transfer::Append => "append",
         Transfer::Retr => "retr",
+        Transfer::Send => "send",
     };
-    if !append {
+    if matches!(kind, Transfer::Fetch | Transfer::Retr) {
         // One message of the wanted size in the first user's INBOX, for every connection to
         // FETCH (over the target) or RETR (placed over the backend's cleartext IMAP).
         let (prep_addr, prep_tls) = match kind {
@@ -445,10 +467,10 @@ async fn throughput(a: ThroughputArgs, kind: Transfer) -> Value {
             msg.clone(),
             ready.clone(),
         );
-        let proto = if kind == Transfer::Retr {
-            Proto::Pop3
-        } else {
-            Proto::Imap
+        let proto = match kind {
+            Transfer::Retr => Proto::Pop3,
+            Transfer::Send => Proto::Smtp,
+            Transfer::Fetch | Transfer::Append => Proto::Imap,
         };
         tasks.push(tokio::spawn(async move {
             let setup = async {
@@ -467,7 +489,7 @@ async fn throughput(a: ThroughputArgs, kind: Transfer) -> Value {
                     Transfer::Fetch => {
                         c.imap("EXAMINE INBOX").await?;
                     }
-                    Transfer::Retr => {}
+                    Transfer::Retr | Transfer::Send => {}
                 }
                 Ok::<_, std::io::Error>(c)
             };
@@ -491,6 +513,10 @@ async fn throughput(a: ThroughputArgs, kind: Transfer) -> Value {
                         c.received = 0;
                         c.pop3_retr(1).await?;
                         bytes.fetch_add(c.received, Ordering::Relaxed);
+                    }
+                    Transfer::Send => {
+                        c.smtp_send(&msg).await?;
+                        bytes.fetch_add(msg.len() as u64, Ordering::Relaxed);
                     }
                 }
                 ops.fetch_add(1, Ordering::Relaxed);
