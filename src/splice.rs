@@ -1,6 +1,8 @@
 //! After login: copy bytes both ways with an idle timeout and byte counters. IMAP and
-//! ManageSieve keep their light framers on the way: client→backend refuses `UNAUTHENTICATE`
-//! locally, backend→client strips it from capability lists and is where local replies are
+//! ManageSieve keep their framers on the way: client→backend forwards only commands that are
+//! allowed and well formed (refusing `UNAUTHENTICATE` locally) and, for IMAP, holds a literal
+//! until the backend asks for it; backend→client strips `UNAUTHENTICATE` from capability lists,
+//! checks that every answer belongs to a forwarded command, and is where local replies are
 //! inserted, at a response boundary so they never land inside a backend response (ManageSieve,
 //! whose answers carry no tag, puts its refusals in the backend's own answer order instead; see
 //! `proto::sieve`).
@@ -160,6 +162,9 @@ pub enum SpliceEnd {
     Idle,
     /// The client broke framing (e.g. a command head over the bound).
     ClientAbuse,
+    /// The backend answered something the proxy never forwarded (a continuation request or a
+    /// tag): the two sides read the client's bytes differently, so the session was closed.
+    Desync,
     /// Shutdown deadline reached.
     Shutdown,
     /// An I/O error on either side.
@@ -195,6 +200,12 @@ pub trait Upstream: Send {
     fn all_opaque(&self) -> bool {
         false
     }
+    /// Whether the client must not be read now (the backend's answer to a forwarded line is
+    /// awaited). Applies an answer that came; the splice then calls `push(&[])` to forward
+    /// what was held.
+    fn waiting(&mut self) -> bool {
+        false
+    }
 }
 
 /// What a protocol inspects on the backend→client direction.
@@ -213,6 +224,10 @@ pub trait Downstream: Send {
     /// Whether every backend byte passes unchanged and unexamined, so that a bulk transfer
     /// (a POP3 `RETR`) may go to the client without the proxy once one is seen.
     fn all_opaque(&self) -> bool {
+        false
+    }
+    /// Whether the backend answered something nobody asked (see [`SpliceEnd::Desync`]).
+    fn desync(&self) -> bool {
         false
     }
 }
@@ -284,6 +299,9 @@ impl Upstream for CommandFramer {
     fn skipped(&mut self, n: u64) {
         self.skip_literal(n);
     }
+    fn waiting(&mut self) -> bool {
+        CommandFramer::waiting(self)
+    }
 }
 
 impl Downstream for ResponseFramer {
@@ -299,10 +317,13 @@ impl Downstream for ResponseFramer {
     fn skipped(&mut self, n: u64) {
         self.skip_literal(n);
     }
+    fn desync(&self) -> bool {
+        ResponseFramer::desync(self)
+    }
 }
 
-/// Splices a session, with `up` and `down` watching each direction (IMAP: [`CommandFramer`]
-/// and [`ResponseFramer`]; ManageSieve: `proto::sieve::splice_filters`; others:
+/// Splices a session, with `up` and `down` watching each direction (IMAP: the
+/// [`CommandFramer`] and [`ResponseFramer`] of `proto::imap::framer::pair`; ManageSieve: `proto::sieve::splice_filters`; others:
 /// [`Passthrough`]). `client_first` goes to the backend and `backend_first` to the client before
 /// anything else (bytes already read during login). `stop` ends the splice (the server fires it
 /// when the shutdown grace period is over).
@@ -496,6 +517,8 @@ where
     // Local replies from the client side, for the client at the next response boundary. Both
     // directions run in this one task: a queue and two wake-ups, nothing allocated up front.
     let replies = Replies::default();
+    // The backend said something: a client side waiting for its answer looks again.
+    let answered = Notify::new();
 
     // Pinned where they are made (not moved into the select below), so the session's task
     // holds each direction's state once: an idle connection pays for its task's size.
@@ -504,8 +527,10 @@ where
         let mut size = ReadSize::new();
         let mut pending = client_first;
         let mut bypass = Bypass::default();
+        let mut resume = false;
         loop {
-            if !pending.is_empty() {
+            if !pending.is_empty() || resume {
+                resume = false;
                 let out = up.push(&pending);
                 pending.clear();
                 if out.abort {
@@ -525,6 +550,14 @@ where
             }
             if size.is_small() {
                 trim(&mut pending);
+            }
+            if up.waiting() {
+                // Nothing more is read from the client until the backend has answered.
+                while up.waiting() {
+                    answered.notified().await;
+                }
+                resume = true;
+                continue;
             }
             let ahead = up.opaque_ahead();
             if let (true, Some(from), Some(to)) =
@@ -577,6 +610,9 @@ where
         down.push(&backend_first, &mut out);
         let mut bypass = Bypass::default();
         loop {
+            if down.desync() {
+                return SpliceEnd::Desync;
+            }
             if down.at_boundary() {
                 replies.take_into(&mut out);
             }
@@ -627,6 +663,7 @@ where
                         touch(&last);
                         size.filled(n);
                         bypass.read(n, down.all_opaque());
+                        answered.notify_one();
                     }
                     Err(_) => return SpliceEnd::Error,
                 }
@@ -685,7 +722,7 @@ mod tests {
         let (mut client, client_leg) = pair().await;
         let (backend_leg, mut backend) = pair().await;
         let session = tokio::spawn(run(
-            (CommandFramer::new(), ResponseFramer::new()),
+            crate::proto::imap::framer::pair(),
             Conn::Plain(client_leg),
             Conn::Plain(backend_leg),
             Vec::new(),
@@ -828,7 +865,7 @@ mod tests {
         let (mut client, client_leg) = pair().await;
         let (backend_leg, mut backend) = pair().await;
         let session = tokio::spawn(run(
-            (CommandFramer::new(), ResponseFramer::new()),
+            crate::proto::imap::framer::pair(),
             Conn::Plain(client_leg),
             Conn::Plain(backend_leg),
             Vec::new(),
@@ -848,7 +885,10 @@ mod tests {
         let mut refused = format!("b UNAUTHENTICATE {{{}+}}\r\n", refused_body.len()).into_bytes();
         refused.extend_from_slice(&refused_body);
         refused.extend_from_slice(b"\r\nc NOOP\r\n");
-        let mut want = sent.clone();
+        // The non-synchronizing literal reaches the backend as a synchronizing one.
+        let head = format!("a APPEND INBOX {{{}}}\r\n", body.len()).into_bytes();
+        let mut want = head.clone();
+        want.extend_from_slice(&sent[head.len() + 1..]);
         want.extend_from_slice(b"c NOOP\r\n");
         let writer = tokio::spawn(async move {
             for chunk in sent.chunks(70_000) {
@@ -857,8 +897,18 @@ mod tests {
             client.write_all(&refused).await.unwrap();
             client
         });
-        let mut got = vec![0u8; want.len()];
+        let mut got = vec![0u8; head.len()];
         backend.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, head);
+        // Nothing of the body comes before the backend asks for it.
+        let mut early = [0u8; 1];
+        let nothing =
+            tokio::time::timeout(Duration::from_millis(200), backend.read(&mut early)).await;
+        assert!(nothing.is_err(), "the literal was sent before the +");
+        backend.write_all(b"+ Ready\r\n").await.unwrap();
+        let mut rest = vec![0u8; want.len() - head.len()];
+        backend.read_exact(&mut rest).await.unwrap();
+        got.extend_from_slice(&rest);
         assert!(got == want, "the backend got something else");
         let mut client = writer.await.unwrap();
         backend
@@ -877,6 +927,10 @@ mod tests {
         // The refusal may come before or after the backend's answers (it is queued locally).
         let text = String::from_utf8(answers).unwrap();
         assert!(text.contains("b NO [CANNOT]"), "{text}");
+        assert!(
+            !text.contains("+ Ready"),
+            "the client saw a + it did not ask for: {text}"
+        );
         assert!(text.contains("a OK appended\r\n") && text.contains("c OK noop\r\n"));
         drop(client);
         let mut rest = Vec::new();

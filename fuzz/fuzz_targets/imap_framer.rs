@@ -1,20 +1,29 @@
 //! Post-login framers. Invariants: no panic; the client framer's decisions do not depend on the
-//! split and it forwards no more than it received; the response framer passes input without
+//! split (with the backend granting or refusing every literal and `IDLE`, as the first byte
+//! says) and it forwards no more than it received; the response framer passes input without
 //! capability lines through unchanged, and sending an open literal's bytes around it
 //! (`literal_left`/`skip_literal`, as the zero-copy splice does) gives the client the same bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::proto::imap::framer::{CommandFramer, ResponseFramer};
+use portcullis::proto::imap::framer::{pair, CommandFramer, ResponseFramer};
 
-fn client(chunks: &[&[u8]]) -> (Vec<u8>, Vec<Vec<u8>>, bool) {
+fn client(chunks: &[&[u8]], grant: bool) -> (Vec<u8>, Vec<Vec<u8>>, bool) {
     let mut f = CommandFramer::new();
     let (mut fwd, mut replies, mut abort) = (Vec::new(), Vec::new(), false);
     for c in chunks {
-        let o = f.push(c);
-        fwd.extend(o.forward);
-        replies.extend(o.replies);
-        abort |= o.abort;
+        let mut o = f.push(c);
+        loop {
+            fwd.extend(o.forward);
+            replies.extend(o.replies);
+            abort |= o.abort;
+            if abort || f.awaited_tag().is_none() {
+                break;
+            }
+            f.backend_answered(grant);
+            assert!(!f.waiting());
+            o = f.push(&[]);
+        }
         if abort {
             break;
         }
@@ -28,12 +37,29 @@ fuzz_target!(|data: &[u8]| {
     }
     let input = &data[1..];
     let cut = (data[0] as usize).min(input.len());
-    let whole = client(&[input]);
-    let split = client(&[&input[..cut], &input[cut..]]);
+    let grant = data[0] & 1 == 1;
+    let whole = client(&[input], grant);
+    let split = client(&[&input[..cut], &input[cut..]], grant);
     if !whole.2 && !split.2 {
         assert_eq!(whole, split);
     }
     assert!(whole.0.len() <= input.len());
+
+    // A session's pair: client bytes, then backend bytes; whatever they are, nothing panics
+    // and nothing follows a desync.
+    let (mut up, mut down) = pair();
+    let _ = up.push(&input[..cut]);
+    let mut out = Vec::new();
+    down.push(&input[cut..], &mut out);
+    if down.desync() {
+        let mut more = Vec::new();
+        down.push(b"* OK more\r\n", &mut more);
+        assert!(more.is_empty());
+        assert!(up.push(b"a NOOP\r\n").abort);
+    } else {
+        let _ = up.waiting();
+        let _ = up.push(&[]);
+    }
 
     let mut r = ResponseFramer::new();
     let mut out = Vec::new();

@@ -5,7 +5,7 @@ use super::runner::{self, Plug};
 use super::{ConnCtx, ListenerCtx, SharedRef};
 use crate::authn::TlsInfo;
 use crate::config::ListenerTls;
-use crate::proto::imap::framer::{CommandFramer, ResponseFramer};
+use crate::proto::imap::framer;
 use crate::proto::imap::{ImapLimits, PreAuth, PreAuthOptions};
 use crate::stream::Conn;
 use crate::Protocol;
@@ -41,7 +41,7 @@ pub fn run(
         backend: |c: &crate::backend::Connector, account: &str, service| {
             c.imap_machine(account, service)
         },
-        filters: || (CommandFramer::new(), ResponseFramer::new()),
+        filters: framer::pair,
     };
     runner::run(shared, listener, ctx, conn, tls, plug)
 }
