@@ -1051,3 +1051,32 @@ fn http2_announces_and_enforces_the_stream_and_header_limits() {
         }
     }
 }
+
+/// A login form announced and never sent is bounded like a slow request head: the client gets
+/// 408 once `header_read_timeout` has passed, and nothing reaches the backend.
+#[test]
+fn a_login_form_that_never_arrives_times_out() {
+    let backend = backend(false);
+    let mut opts = options(backend.port());
+    opts.extra = "[http]\nheader_read_timeout = \"1s\"\n".into();
+    let proxy = Proxy::start(opts);
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let started = std::time::Instant::now();
+    s.write_all(
+        b"POST /api/auth HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 16000\r\n\r\n{\"accountName\":",
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}\n{}", proxy.log());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(backend.seen().is_empty());
+}

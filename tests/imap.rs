@@ -861,3 +861,56 @@ fn both_schedulers_serve_concurrent_logins_and_per_core_uses_every_runtime() {
         }
     }
 }
+
+/// A client that pipelines commands and never reads their answers: once its window is full,
+/// the proxy's writes block. They are bounded by the pre-login idle limit, so the connection
+/// is closed instead of held, long before every answer was written.
+#[test]
+fn a_client_that_stops_reading_before_login_is_let_go() {
+    use std::io::{Read, Write};
+    let dovecot = Dovecot::builder().start();
+    let proxy = Proxy::start(ProxyOptions {
+        extra: "preauth_idle = \"1s\"\n".into(),
+        ..ProxyOptions::file_users(dovecot.imap_port(), dovecot.master_secret())
+    });
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], proxy.imap_plain)).into())
+        .unwrap();
+    let mut s: std::net::TcpStream = sock.into();
+    const COMMANDS: usize = 100_000;
+    let mut writer = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let cmds = b"a CAPABILITY\r\n".repeat(1000);
+        for _ in 0..COMMANDS / 1000 {
+            if writer.write_all(&cmds).is_err() {
+                break;
+            }
+        }
+    });
+    // Long enough for the proxy's write to block and its limit to pass.
+    std::thread::sleep(Duration::from_secs(4));
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut answered = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut carry = Vec::new();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                carry.extend_from_slice(&buf[..n]);
+                answered += memchr::memmem::find_iter(&carry, b"a OK").count();
+                let keep = carry.len().saturating_sub(3);
+                carry.drain(..keep);
+            }
+        }
+    }
+    drop(s);
+    let _ = sender.join();
+    assert!(
+        answered < COMMANDS / 2,
+        "the proxy kept writing to a client that did not read: {answered} answers"
+    );
+    let log = proxy.log();
+    assert!(!log.contains("panicked"), "the proxy panicked:\n{log}");
+}

@@ -323,9 +323,18 @@ fn int(v: Option<&Value>) -> Result<u64> {
 
 fn parse_failed(reply: &[Value], s: &Subject, protocol: &str) -> Result<RemoteFailure> {
     let repeat = int(reply.first())? == 1;
-    let count = int(reply.get(1))? as usize;
+    // One ban per kind at most, each four values: a longer claim is not a reply of our script
+    // (and is never used to size anything).
+    let count = int(reply.get(1))?;
+    if count > KINDS.len() as u64 || reply.len() < 3 + 4 * count as usize {
+        return Err(RedisStoreError::Reply(format!(
+            "{count} bans in a reply of {} values",
+            reply.len()
+        )));
+    }
+    let count = count as usize;
     let now = int(reply.get(2))?;
-    let mut bans = Vec::with_capacity(count);
+    let mut bans = Vec::new();
     for i in 0..count {
         let at = 3 + i * 4;
         let k = int(reply.get(at))? as usize;
@@ -343,4 +352,34 @@ fn parse_failed(reply: &[Value], s: &Subject, protocol: &str) -> Result<RemoteFa
         bans.push(super::ban_info(s, &ban, protocol, now));
     }
     Ok(RemoteFailure { repeat, bans })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subject() -> Subject {
+        Subject {
+            ip: "203.0.113.7".into(),
+            net: "203.0.113.0/24".into(),
+            account: "alice".into(),
+        }
+    }
+
+    /// A reply claiming more bans than there are kinds, or more than it holds, is refused
+    /// before anything is sized by it (a huge count would abort the process).
+    #[test]
+    fn a_failed_reply_with_an_impossible_count_is_refused() {
+        let s = subject();
+        for count in [i64::MAX, 1 << 40, KINDS.len() as i64 + 1, 1] {
+            let reply = [Value::Int(0), Value::Int(count), Value::Int(1_000)];
+            assert!(
+                parse_failed(&reply, &s, "imap").is_err(),
+                "count {count} accepted"
+            );
+        }
+        let none = [Value::Int(1), Value::Int(0), Value::Int(1_000)];
+        let parsed = parse_failed(&none, &s, "imap").unwrap();
+        assert!(parsed.repeat && parsed.bans.is_empty());
+    }
 }

@@ -503,13 +503,28 @@ async fn watch_oauth_answer(state: &ConnState, resp: Response<Body>) -> Response
 /// its credentials like a Basic header; on success the body to forward is the form rewritten
 /// for the master login of the canonical account.
 async fn login_form(state: &ConnState, body: Incoming) -> Result<(Authn, Bytes), Response<Body>> {
-    let bytes = match Limited::new(body, proto::MAX_LOGIN_FORM).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(_) => {
+    // Bounded in time like a request head: a client announcing a form and sending it slowly
+    // (or never) holds its connection no longer than one sending a head slowly.
+    let limit = state.shared.config.http.header_read_timeout;
+    let collect = Limited::new(body, proto::MAX_LOGIN_FORM).collect();
+    let bytes = match tokio::time::timeout(limit, collect).await {
+        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Err(_)) => {
             return Err(local(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "login form too large\n",
             ))
+        }
+        Err(_) => {
+            info!(
+                event = "http_refused",
+                reason = "login form not received in time",
+                "login form refused"
+            );
+            return Err(local(
+                StatusCode::REQUEST_TIMEOUT,
+                "login form not received in time\n",
+            ));
         }
     };
     let form = match proto::parse_login_form(&bytes) {

@@ -174,7 +174,11 @@ where
     let exit = loop {
         let event = machine.advance();
         let out = machine.take_output();
-        if !out.is_empty() && send(&mut conn, &out).await.is_err() {
+        if !out.is_empty()
+            && send(&mut conn, &out, write_until(deadline, l.preauth_idle))
+                .await
+                .is_err()
+        {
             break Exit::Io;
         }
         match event {
@@ -187,17 +191,17 @@ where
                     },
                     () = idle => {
                         machine.timed_out();
-                        let _ = send(&mut conn, &machine.take_output()).await;
+                        let _ = send(&mut conn, &machine.take_output(), write_until(deadline, l.preauth_idle)).await;
                         break Exit::Timeout;
                     }
                     () = tokio::time::sleep_until(deadline) => {
                         machine.timed_out();
-                        let _ = send(&mut conn, &machine.take_output()).await;
+                        let _ = send(&mut conn, &machine.take_output(), write_until(deadline, l.preauth_idle)).await;
                         break Exit::Timeout;
                     }
                     () = shared.shutdown.cancelled() => {
                         machine.shutdown();
-                        let _ = send(&mut conn, &machine.take_output()).await;
+                        let _ = send(&mut conn, &machine.take_output(), write_until(deadline, l.preauth_idle)).await;
                         break Exit::Closed(Close::Shutdown);
                     }
                 }
@@ -248,7 +252,12 @@ where
                         .await;
                         if let Some(Event::Close(reason)) = machine.login_failed(Failure::Rejected)
                         {
-                            let _ = send(&mut conn, &machine.take_output()).await;
+                            let _ = send(
+                                &mut conn,
+                                &machine.take_output(),
+                                write_until(deadline, l.preauth_idle),
+                            )
+                            .await;
                             break Exit::Closed(reason);
                         }
                         continue;
@@ -279,7 +288,12 @@ where
                     tokio::time::sleep(shared.failure_delay().saturating_sub(started.elapsed()))
                         .await;
                     if let Some(Event::Close(reason)) = machine.login_failed(Failure::Rejected) {
-                        let _ = send(&mut conn, &machine.take_output()).await;
+                        let _ = send(
+                            &mut conn,
+                            &machine.take_output(),
+                            write_until(deadline, l.preauth_idle),
+                        )
+                        .await;
                         break Exit::Closed(reason);
                     }
                     continue;
@@ -336,7 +350,12 @@ where
                             if let Some(Event::Close(reason)) =
                                 machine.login_failed(Failure::Temporary)
                             {
-                                let _ = send(&mut conn, &machine.take_output()).await;
+                                let _ = send(
+                                    &mut conn,
+                                    &machine.take_output(),
+                                    write_until(deadline, l.preauth_idle),
+                                )
+                                .await;
                                 break Exit::Closed(reason);
                             }
                             continue;
@@ -351,7 +370,14 @@ where
                         match Box::pin(shared.backend.login(service, &facts, login)).await {
                             Ok(backend) => {
                                 machine.login_succeeded(&backend.capabilities);
-                                if send(&mut conn, &machine.take_output()).await.is_err() {
+                                if send(
+                                    &mut conn,
+                                    &machine.take_output(),
+                                    write_until(deadline, l.preauth_idle),
+                                )
+                                .await
+                                .is_err()
+                                {
                                     return None;
                                 }
                                 shared.metrics.auth(protocol.label(), mechanism, "accept");
@@ -361,7 +387,12 @@ where
                                 // The pre-login read buffer is not needed any more.
                                 drop(std::mem::take(&mut buf));
                                 let Some(leftover) = (*machine).take_leftover() else {
-                                    let _ = send(&mut conn, goodbye).await;
+                                    let _ = send(
+                                        &mut conn,
+                                        goodbye,
+                                        write_until(deadline, l.preauth_idle),
+                                    )
+                                    .await;
                                     return None;
                                 };
                                 return Some(LoggedIn {
@@ -399,7 +430,12 @@ where
                     }
                 };
                 if let Some(Event::Close(reason)) = machine.login_failed(failure) {
-                    let _ = send(&mut conn, &machine.take_output()).await;
+                    let _ = send(
+                        &mut conn,
+                        &machine.take_output(),
+                        write_until(deadline, l.preauth_idle),
+                    )
+                    .await;
                     break Exit::Closed(reason);
                 }
             }
@@ -428,7 +464,20 @@ fn count_bans(shared: &SharedRef, outcome: &Outcome) {
 }
 
 /// Writes and flushes (a TLS stream may otherwise hold the tail of what was written).
-async fn send(conn: &mut Conn, bytes: &[u8]) -> std::io::Result<()> {
-    conn.write_all(bytes).await?;
-    conn.flush().await
+/// Writes pre-login output within the pre-login limits (see [`write_until`]).
+async fn send(conn: &mut Conn, bytes: &[u8], until: tokio::time::Instant) -> std::io::Result<()> {
+    let write = async {
+        conn.write_all(bytes).await?;
+        conn.flush().await
+    };
+    tokio::time::timeout_at(until, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// How long a pre-login write may take: a client that stops reading (its window full of
+/// answers to pipelined commands) is held no longer than one that stops sending, and never
+/// past the pre-login deadline.
+fn write_until(deadline: tokio::time::Instant, idle: std::time::Duration) -> tokio::time::Instant {
+    deadline.min(tokio::time::Instant::now() + idle)
 }
