@@ -1080,3 +1080,79 @@ fn a_login_form_that_never_arrives_times_out() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(backend.seen().is_empty());
 }
+
+/// Failed authentications end a connection as they end a mail session: after
+/// `limits.max_auth_failures` (3) wrong passwords, an HTTP/1.1 connection with more requests
+/// pipelined is closed, and the rest never reach the authenticator.
+#[test]
+fn a_connection_is_closed_after_three_failed_authentications() {
+    let backend = backend(false);
+    let proxy = start(&backend);
+    let auth = basic("alice", "wrong-password");
+    let request =
+        format!("GET /jmap/session HTTP/1.1\r\nHost: localhost\r\nAuthorization: {auth}\r\n\r\n");
+    let answers = raw(proxy.http, request.repeat(6).as_bytes());
+    assert_eq!(
+        answers.matches("HTTP/1.1 401").count(),
+        3,
+        "{answers}\n{}",
+        proxy.log()
+    );
+    assert_eq!(proxy.log().matches("login rejected").count(), 3);
+    assert!(backend.seen().is_empty());
+    // A fresh connection with the right password is served (the guard's windows are wider).
+    let (code, _) = curl(
+        proxy.https,
+        &[
+            "-u",
+            "alice:alice-password",
+            "https://localhost:{port}/jmap/session",
+        ],
+    );
+    assert_eq!(code, 200);
+}
+
+/// The streams of one HTTP/2 connection authenticate one at a time and share its failure
+/// count: many parallel wrong passwords cost at most three attempts per connection.
+#[test]
+fn parallel_http2_streams_share_one_connections_failure_limit() {
+    let backend = backend(false);
+    let proxy = start(&backend);
+    let url = format!("https://localhost:{}/jmap/session", proxy.https);
+    let mut args = vec![
+        "-sS".to_string(),
+        "--http2".into(),
+        "--parallel".into(),
+        "--parallel-max".into(),
+        "20".into(),
+        "--cacert".into(),
+        dev_ca().display().to_string(),
+        "-u".into(),
+        "alice:wrong-password".into(),
+        "-o".into(),
+        "/dev/null".into(),
+        "-w".into(),
+        "%{http_code} %{num_connects}\n".into(),
+    ];
+    for _ in 0..20 {
+        args.push(url.clone());
+    }
+    let out = Command::new("curl").args(&args).output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("200"), "{text}");
+    let log = proxy.log();
+    let rejected = log.matches("login rejected").count();
+    let connections = log
+        .matches("too many failed authentications")
+        .count()
+        .max(1);
+    assert!(
+        rejected <= 3 * connections + 3,
+        "{rejected} rejections over {connections} closed connections:\n{text}"
+    );
+    assert!(
+        rejected < 20,
+        "every stream reached the authenticator:\n{text}"
+    );
+    assert!(backend.seen().is_empty());
+}

@@ -136,6 +136,31 @@ struct ConnState {
     tls: Option<TlsInfo>,
     own: Option<OwnPool>,
     attempts: AtomicU32,
+    /// Failed authentications on this connection (see [`ConnState::failed`]).
+    failures: AtomicU32,
+    /// One authentication at a time per connection: the streams of one HTTP/2 connection
+    /// cannot all pass the guard before the first of them has failed.
+    auth_turn: tokio::sync::Mutex<()>,
+    /// Fired at `limits.max_auth_failures`: the connection is closed (HTTP/2: GOAWAY).
+    enough: tokio_util::sync::CancellationToken,
+}
+
+impl ConnState {
+    /// Counts a failed authentication; at the limit the connection is closed, as a mail
+    /// protocol session is after the same number of failures.
+    fn failed(&self) {
+        let n = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        if n >= self.shared.config.limits.max_auth_failures {
+            self.enough.cancel();
+        }
+    }
+
+    fn too_many_failures(&self) -> bool {
+        self.failures.load(Ordering::Relaxed) >= self.shared.config.limits.max_auth_failures
+    }
 }
 
 /// Serves one client connection until it closes, the client goes idle, or shutdown.
@@ -172,7 +197,11 @@ async fn serve(shared: SharedRef, ctx: ConnCtx, conn: Conn, tls: Option<TlsInfo>
         tls,
         own,
         attempts: AtomicU32::new(0),
+        failures: AtomicU32::new(0),
+        auth_turn: tokio::sync::Mutex::new(()),
+        enough: tokio_util::sync::CancellationToken::new(),
     });
+    let enough = state.enough.clone();
     let service = hyper::service::service_fn(move |req| {
         let state = state.clone();
         async move { Ok::<_, Infallible>(handle(&state, req).await) }
@@ -210,6 +239,10 @@ async fn serve(shared: SharedRef, ctx: ConnCtx, conn: Conn, tls: Option<TlsInfo>
             return;
         }
         () = shared.shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+        }
+        () = enough.cancelled() => {
+            info!(event = "http_closed", reason = "too many failed authentications", "closing the connection");
             connection.as_mut().graceful_shutdown();
         }
     }
@@ -558,6 +591,9 @@ async fn login_form(state: &ConnState, body: Incoming) -> Result<(Authn, Bytes),
 /// A token has no claimed name for the guard to count failures by, so it is counted under a
 /// name derived from a keyed hash of the token: repeating one stale token counts once, and many
 /// different wrong tokens from one address look like password spraying, which is what they are.
+///
+/// A connection authenticates one request at a time, and `limits.max_auth_failures` failures
+/// close it, as they end a mail protocol session.
 async fn authenticate(
     state: &ConnState,
     user: Option<&[u8]>,
@@ -568,6 +604,13 @@ async fn authenticate(
     let shared = &state.shared;
     let started = Instant::now();
     let ip: IpAddr = state.ctx.client.ip();
+    let _turn = state.auth_turn.lock().await;
+    if state.too_many_failures() {
+        // The connection is closing; streams already open get no further attempt.
+        shared.metrics.auth("http", mechanism, "denied");
+        tokio::time::sleep(shared.failure_delay()).await;
+        return Authn::Unauthorized;
+    }
     let attempt = state
         .attempts
         .fetch_add(1, Ordering::Relaxed)
@@ -590,6 +633,7 @@ async fn authenticate(
                 .guard
                 .failed(ip, &shown, &Secret::new(Vec::new()), "http")
                 .await;
+            state.failed();
             shared
                 .metrics
                 .guard_bans_started
@@ -615,6 +659,7 @@ async fn authenticate(
             .inc();
         shared.metrics.auth("http", mechanism, "denied");
         info!(event = "auth", result = "denied", user = %LogName(username.as_bytes()), mechanism, attempt, reason = reason.label(), "login denied by the guard");
+        state.failed();
         tokio::time::sleep(shared.failure_delay().saturating_sub(started.elapsed())).await;
         return Authn::Unauthorized;
     }
@@ -684,6 +729,7 @@ async fn authenticate(
                 .guard
                 .failed(ip, &username, &request.secret, "http")
                 .await;
+            state.failed();
             shared
                 .metrics
                 .guard_bans_started
