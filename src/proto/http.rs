@@ -454,10 +454,18 @@ impl Http1Scanner {
                             return Ok(());
                         }
                     }
-                    let Some(end) = memchr::memmem::find(buf, b"\r\n\r\n") else {
-                        if memchr::memmem::find(buf, b"\n\n").is_some() {
-                            return Err(Framing::BareLf);
-                        }
+                    let end = memchr::memmem::find(buf, b"\r\n\r\n");
+                    // Every LF of the head must end a CRLF, checked as the bytes arrive (a head
+                    // ending in `\n\r\n` has no `\r\n\r\n` to wait for). The body after the
+                    // head is not looked at here.
+                    let upto = end.map_or(buf.len(), |e| e + 4);
+                    let from = before.min(upto);
+                    if memchr::memchr_iter(b'\n', &buf[from..upto])
+                        .any(|i| from + i == 0 || buf[from + i - 1] != b'\r')
+                    {
+                        return Err(Framing::BareLf);
+                    }
+                    let Some(end) = end else {
                         if take < input.len() {
                             // Larger than any head hyper accepts: hyper answers 431.
                             self.state = ScanState::Off;
@@ -848,6 +856,20 @@ PUT /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n
         );
         assert_eq!(
             scan_split(&after(b"GET / HTTP/1.1\nHost: x\r\n\r\n")),
+            Err(Framing::BareLf)
+        );
+        // A head ending in `\n\r\n` never shows `\r\n\r\n`: refused as it arrives, not
+        // waited on.
+        assert_eq!(
+            scan_split(&after(b"GET / HTTP/1.1\r\nHost: x\n\r\n")),
+            Err(Framing::BareLf)
+        );
+        assert_eq!(
+            scan(&[b"GET / HTTP/1.1\r\nHost: x\n", b"\r\n"]),
+            Err(Framing::BareLf)
+        );
+        assert_eq!(
+            scan(&[b"GET / HTTP/1.1\r\nHost: x\n"]),
             Err(Framing::BareLf)
         );
         assert_eq!(
