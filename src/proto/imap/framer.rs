@@ -559,7 +559,11 @@ impl CommandFramer {
         match self.state {
             ClientState::Idling => {
                 if body_of(line).eq_ignore_ascii_case(b"DONE") {
-                    out.forward.extend_from_slice(line);
+                    // Stalwart ends IDLE on the next four bytes being exactly `DONE` (it reads
+                    // four at a time): the word goes first and in capitals, whatever the case
+                    // the client wrote it in, so both sides leave IDLE at the same byte.
+                    out.forward.extend_from_slice(b"DONE");
+                    out.forward.extend_from_slice(&line[4..]);
                     self.state = ClientState::Head;
                 } else {
                     self.aborted = true;
@@ -1264,6 +1268,13 @@ mod tests {
         assert_eq!(s.forwarded, b"a IDLE\r\nDONE\r\nb NOOP\r\n");
         s.backend(b"a OK done\r\nb OK\r\n");
         assert!(!s.down.desync() && !s.abort);
+
+        // Any case from the client; the backend gets the capitals it compares with.
+        let mut s = Session::new();
+        s.client(b"a IDLE\r\n");
+        s.backend(b"+ idling\r\n");
+        s.client(b"done\nb NOOP\r\n");
+        assert_eq!(s.forwarded, b"a IDLE\r\nDONE\nb NOOP\r\n");
 
         let mut s = Session::new();
         s.client(b"a IDLE\r\n");
