@@ -206,6 +206,10 @@ pub trait Upstream: Send {
     fn waiting(&mut self) -> bool {
         false
     }
+    /// Whether `push` stopped at a limit with input left that `push(&[])` would now take on.
+    fn holding(&mut self) -> bool {
+        false
+    }
 }
 
 /// What a protocol inspects on the backend→client direction.
@@ -301,6 +305,9 @@ impl Upstream for CommandFramer {
     }
     fn waiting(&mut self) -> bool {
         CommandFramer::waiting(self)
+    }
+    fn holding(&mut self) -> bool {
+        CommandFramer::holding(self)
     }
 }
 
@@ -559,6 +566,10 @@ where
                 resume = true;
                 continue;
             }
+            if up.holding() {
+                resume = true;
+                continue;
+            }
             let ahead = up.opaque_ahead();
             if let (true, Some(from), Some(to)) =
                 (bypass.wanted(ahead), client_r.tcp(), backend_w.tcp())
@@ -722,7 +733,7 @@ mod tests {
         let (mut client, client_leg) = pair().await;
         let (backend_leg, mut backend) = pair().await;
         let session = tokio::spawn(run(
-            crate::proto::imap::framer::pair(),
+            crate::proto::imap::framer::pair(crate::proto::imap::framer::DEFAULT_COMMAND_MAX),
             Conn::Plain(client_leg),
             Conn::Plain(backend_leg),
             Vec::new(),
@@ -865,7 +876,7 @@ mod tests {
         let (mut client, client_leg) = pair().await;
         let (backend_leg, mut backend) = pair().await;
         let session = tokio::spawn(run(
-            crate::proto::imap::framer::pair(),
+            crate::proto::imap::framer::pair(crate::proto::imap::framer::DEFAULT_COMMAND_MAX),
             Conn::Plain(client_leg),
             Conn::Plain(backend_leg),
             Vec::new(),
@@ -949,6 +960,103 @@ mod tests {
             "zero_copy_to_backend={}",
             stats.to_backend_zero_copy
         );
+    }
+
+    /// More pipelined commands than may be outstanding: the rest are held, and forwarded as
+    /// the backend completes the first ones, without the client sending anything more.
+    #[tokio::test]
+    async fn commands_held_at_the_outstanding_limit_go_on_as_answers_come() {
+        use tokio::io::AsyncBufReadExt;
+        let (mut client, client_leg) = pair().await;
+        let (backend_leg, backend) = pair().await;
+        let session = tokio::spawn(run(
+            crate::proto::imap::framer::pair(crate::proto::imap::framer::DEFAULT_COMMAND_MAX),
+            Conn::Plain(client_leg),
+            Conn::Plain(backend_leg),
+            Vec::new(),
+            Vec::new(),
+            Duration::from_secs(30),
+            CancellationToken::new(),
+        ));
+        const N: usize = 600;
+        let many: Vec<u8> = (0..N)
+            .flat_map(|i| format!("t{i} NOOP\r\n").into_bytes())
+            .collect();
+        client.write_all(&many).await.unwrap();
+        // The backend answers each command as it reads it.
+        let answering = tokio::spawn(async move {
+            let (r, mut w) = backend.into_split();
+            let mut lines = tokio::io::BufReader::new(r).lines();
+            for _ in 0..N {
+                let line = lines.next_line().await.unwrap().unwrap();
+                let tag = line.split(' ').next().unwrap().to_owned();
+                w.write_all(format!("{tag} OK\r\n").as_bytes())
+                    .await
+                    .unwrap();
+            }
+            (lines, w)
+        });
+        let mut answers = Vec::new();
+        let done = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buf = [0u8; 4096];
+            while answers.iter().filter(|&&b| b == b'\n').count() < N {
+                let n = client.read(&mut buf).await.unwrap();
+                assert!(n > 0);
+                answers.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await;
+        assert!(
+            done.is_ok(),
+            "stalled after {} answers",
+            answers.iter().filter(|&&b| b == b'\n').count()
+        );
+        drop(client);
+        drop(answering.await.unwrap());
+        assert_eq!(session.await.unwrap().end, SpliceEnd::Closed);
+    }
+
+    /// Refused commands are answered a few per pass; the held rest is answered without the
+    /// client sending anything more.
+    #[tokio::test]
+    async fn held_refusals_are_all_answered() {
+        let (mut client, client_leg) = pair().await;
+        let (backend_leg, mut backend) = pair().await;
+        let session = tokio::spawn(run(
+            crate::proto::imap::framer::pair(crate::proto::imap::framer::DEFAULT_COMMAND_MAX),
+            Conn::Plain(client_leg),
+            Conn::Plain(backend_leg),
+            Vec::new(),
+            Vec::new(),
+            Duration::from_secs(30),
+            CancellationToken::new(),
+        ));
+        const N: usize = 50;
+        let bad: Vec<u8> = (0..N)
+            .flat_map(|i| format!("t{i} XYZZY\r\n").into_bytes())
+            .collect();
+        client.write_all(&bad).await.unwrap();
+        let mut answers = Vec::new();
+        let done = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buf = [0u8; 4096];
+            while answers.iter().filter(|&&b| b == b'\n').count() < N {
+                let n = client.read(&mut buf).await.unwrap();
+                assert!(n > 0);
+                answers.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await;
+        assert!(
+            done.is_ok(),
+            "stalled after {} answers",
+            answers.iter().filter(|&&b| b == b'\n').count()
+        );
+        drop(client);
+        let mut forwarded = Vec::new();
+        backend.read_to_end(&mut forwarded).await.unwrap();
+        assert!(forwarded.is_empty());
+        drop(backend);
+        session.await.unwrap();
     }
 
     #[test]

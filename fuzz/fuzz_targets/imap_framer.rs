@@ -17,11 +17,15 @@ fn client(chunks: &[&[u8]], grant: bool) -> (Vec<u8>, Vec<Vec<u8>>, bool) {
             fwd.extend(o.forward);
             replies.extend(o.replies);
             abort |= o.abort;
-            if abort || f.awaited_tag().is_none() {
+            if abort {
                 break;
             }
-            f.backend_answered(grant);
-            assert!(!f.waiting());
+            if f.awaited_tag().is_some() {
+                f.backend_answered(grant && f.expects_continuation());
+                assert!(!f.waiting());
+            } else if !f.holding() {
+                break;
+            }
             o = f.push(&[]);
         }
         if abort {
@@ -47,7 +51,7 @@ fuzz_target!(|data: &[u8]| {
 
     // A session's pair: client bytes, then backend bytes; whatever they are, nothing panics
     // and nothing follows a desync.
-    let (mut up, mut down) = pair();
+    let (mut up, mut down) = pair(portcullis::proto::imap::framer::DEFAULT_COMMAND_MAX);
     let _ = up.push(&input[..cut]);
     let mut out = Vec::new();
     down.push(&input[cut..], &mut out);

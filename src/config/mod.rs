@@ -853,6 +853,11 @@ pub struct LimitsConfig {
     pub imap_literal_max: u32,
     /// All literal bytes before login, together.
     pub imap_preauth_literal_total: u32,
+    /// Largest IMAP command after login, its lines and literals together. Must not exceed the
+    /// backend's own limit (Stalwart's IMAP maximum request size, 50 MiB by default): a command
+    /// the backend found too big in the middle of a line would be answered with BAD and the
+    /// rest of that read dropped, and what followed could be read as a new command.
+    pub imap_command_max: u64,
     /// Failed authentications per connection before the goodbye.
     pub max_auth_failures: u32,
     /// Protocol errors per connection before the goodbye.
@@ -880,6 +885,7 @@ impl Default for LimitsConfig {
             imap_line_max: 8 * 1024,
             imap_literal_max: 1024,
             imap_preauth_literal_total: 8 * 1024,
+            imap_command_max: 50 * 1024 * 1024,
             max_auth_failures: 3,
             max_protocol_errors: 3,
             preauth_idle: Duration::from_secs(30),
@@ -1058,6 +1064,9 @@ impl Config {
         let l = &self.limits;
         if l.imap_line_max < 512 {
             return Err(invalid("limits.imap_line_max", "must be at least 512"));
+        }
+        if l.imap_command_max < 64 * 1024 {
+            return Err(invalid("limits.imap_command_max", "must be at least 65536"));
         }
         if l.imap_literal_max > l.imap_preauth_literal_total {
             return Err(invalid(

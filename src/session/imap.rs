@@ -41,7 +41,10 @@ pub fn run(
         backend: |c: &crate::backend::Connector, account: &str, service| {
             c.imap_machine(account, service)
         },
-        filters: framer::pair,
+        filters: {
+            let command_max = shared.config.limits.imap_command_max;
+            move || framer::pair(command_max)
+        },
     };
     runner::run(shared, listener, ctx, conn, tls, plug)
 }

@@ -43,6 +43,11 @@ pub const MAX_STASH: usize = 128 * 1024;
 pub const MAX_OUTSTANDING: usize = 256;
 /// Longest tag the backend accepts.
 const MAX_TAG: usize = 128;
+/// `limits.imap_command_max` by default (Stalwart's default IMAP request limit).
+pub const DEFAULT_COMMAND_MAX: u64 = 50 * 1024 * 1024;
+/// Local refusals produced by one `push`; the rest of the input waits, so a flood of bad lines
+/// from a client that does not read its answers holds no more than a few.
+const REFUSALS_PER_PUSH: usize = 8;
 
 /// Commands forwarded after login: those of RFC 9051 and the extensions the backend implements,
 /// except the ones that only belong before login. `UNAUTHENTICATE`, `LOGIN`, `AUTHENTICATE` and
@@ -322,11 +327,12 @@ fn lock(shared: &Shared) -> MutexGuard<'_, Exchange> {
     shared.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The two framers of one session, sharing what is outstanding.
-pub fn pair() -> (CommandFramer, ResponseFramer) {
+/// The two framers of one session, sharing what is outstanding. `command_max` is
+/// `limits.imap_command_max`: no command larger than it (lines and literals) is forwarded.
+pub fn pair(command_max: u64) -> (CommandFramer, ResponseFramer) {
     let shared = Shared::default();
     (
-        CommandFramer::with(shared.clone()),
+        CommandFramer::with(shared.clone(), command_max),
         ResponseFramer::with(shared),
     )
 }
@@ -334,8 +340,15 @@ pub fn pair() -> (CommandFramer, ResponseFramer) {
 /// What is awaited from the backend before the client is read on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Awaited {
-    Literal { len: u64, sync: bool },
+    Literal {
+        len: u64,
+        sync: bool,
+    },
     Idle,
+    /// `DONE` was forwarded: nothing more until `IDLE` has completed (should the backend
+    /// have ended it on its own, `DONE` is a bad line to it, and nothing may follow it in
+    /// the same read).
+    IdleEnd,
 }
 
 /// Where the client→backend stream is.
@@ -384,6 +397,10 @@ pub struct CommandFramer {
     fetch: bool,
     /// Input received while the backend's answer was awaited.
     stash: Vec<u8>,
+    /// Bytes of the command being forwarded so far, lines and literals.
+    command_bytes: u64,
+    /// `limits.imap_command_max`.
+    command_max: u64,
     aborted: bool,
     shared: Shared,
 }
@@ -400,10 +417,10 @@ impl CommandFramer {
     /// A framer on its own (tests, fuzzing): nothing answers its continuations but
     /// [`CommandFramer::backend_answered`].
     pub fn new() -> Self {
-        Self::with(Shared::default())
+        Self::with(Shared::default(), DEFAULT_COMMAND_MAX)
     }
 
-    fn with(shared: Shared) -> Self {
+    fn with(shared: Shared, command_max: u64) -> Self {
         Self {
             state: ClientState::Head,
             line: Vec::new(),
@@ -412,6 +429,8 @@ impl CommandFramer {
             tag: Vec::new(),
             fetch: false,
             stash: Vec::new(),
+            command_bytes: 0,
+            command_max,
             aborted: false,
             shared,
         }
@@ -420,6 +439,12 @@ impl CommandFramer {
     /// The tag whose continuation request is awaited, if any (tests, fuzzing).
     pub fn awaited_tag(&self) -> Option<Vec<u8>> {
         lock(&self.shared).awaiting.as_ref().map(|a| a.tag.clone())
+    }
+
+    /// Whether the awaited answer may be a `+` (not after `DONE`, which only the tagged
+    /// completion of `IDLE` answers) (tests, fuzzing).
+    pub fn expects_continuation(&self) -> bool {
+        self.state != ClientState::Await(Awaited::IdleEnd)
     }
 
     /// Records the backend's answer to the awaited command, as the response framer of a
@@ -452,7 +477,13 @@ impl CommandFramer {
                 // It did not wait: its literal and the rest of its command go nowhere.
                 (Awaited::Literal { len, sync: false }, false) => ClientState::DiscardLiteral(len),
                 (Awaited::Idle, true) => ClientState::Idling,
-                (Awaited::Idle, false) => ClientState::Head,
+                (Awaited::Idle | Awaited::IdleEnd, false) => ClientState::Head,
+                (Awaited::IdleEnd, true) => {
+                    // A second `+` for one IDLE: the backend is not where the proxy is.
+                    ex.desync = true;
+                    self.aborted = true;
+                    return false;
+                }
             };
             return false;
         }
@@ -493,7 +524,7 @@ impl CommandFramer {
     /// is needed; returns how much was used.
     fn feed(&mut self, input: &[u8], out: &mut ClientOutput) -> usize {
         let mut used = 0;
-        while used < input.len() && !self.aborted {
+        while used < input.len() && !self.aborted && out.replies.len() < REFUSALS_PER_PUSH {
             let rest = &input[used..];
             match self.state {
                 ClientState::Head | ClientState::Rest | ClientState::Idling => {
@@ -564,7 +595,13 @@ impl CommandFramer {
                     // the client wrote it in, so both sides leave IDLE at the same byte.
                     out.forward.extend_from_slice(b"DONE");
                     out.forward.extend_from_slice(&line[4..]);
-                    self.state = ClientState::Head;
+                    let mut ex = lock(&self.shared);
+                    ex.awaiting = Some(Awaiting {
+                        tag: self.tag.clone(),
+                        relay: true,
+                    });
+                    ex.answer = None;
+                    self.state = ClientState::Await(Awaited::IdleEnd);
                 } else {
                     self.aborted = true;
                 }
@@ -573,7 +610,14 @@ impl CommandFramer {
                 // Part of this command is already with the backend: a bad rest cannot be
                 // refused on its own, so the session ends.
                 match scan_args(body_of(line), true, self.fetch, 0) {
-                    Ok(literal) => self.forward(line, literal, false, out),
+                    Ok(literal) => {
+                        self.command_bytes += line.len() as u64 + literal.map_or(0, |l| l.len);
+                        if self.command_bytes + MAX_LINE as u64 > self.command_max {
+                            self.aborted = true;
+                        } else {
+                            self.forward(line, literal, false, out);
+                        }
+                    }
                     Err(()) => self.aborted = true,
                 }
             }
@@ -585,9 +629,28 @@ impl CommandFramer {
                     fetch,
                     literal,
                 } => {
+                    let tag = &line[..tag_len];
+                    let total = line.len() as u64 + literal.map_or(0, |l| l.len);
+                    let refusal = if lock(&self.shared).outstanding.iter().any(|t| t == tag) {
+                        // Answers are matched to commands by tag: a second command with the tag
+                        // of one still running could be taken for it.
+                        Some(" BAD Tag already in use by a command in progress\r\n")
+                    } else if total + MAX_LINE as u64 > self.command_max {
+                        Some(" BAD Command too large\r\n")
+                    } else {
+                        None
+                    };
+                    if let Some(text) = refusal {
+                        self.refusal = [tag, text.as_bytes()].concat();
+                        self.tail.clear();
+                        self.remember_tail(line);
+                        self.refused_line_ended(out);
+                        return;
+                    }
                     self.tag.clear();
-                    self.tag.extend_from_slice(&line[..tag_len]);
+                    self.tag.extend_from_slice(tag);
                     self.fetch = fetch;
+                    self.command_bytes = total;
                     lock(&self.shared).outstanding.push_back(self.tag.clone());
                     self.forward(line, literal, idle, out);
                 }
@@ -690,6 +753,12 @@ impl CommandFramer {
         if !self.refusal.is_empty() && self.state == ClientState::Head {
             out.replies.push(std::mem::take(&mut self.refusal));
         }
+    }
+
+    /// Whether input is held that a `push(&[])` would now make progress on (it stopped at a
+    /// limit, not at an awaited answer).
+    pub fn holding(&mut self) -> bool {
+        !self.stash.is_empty() && !self.waiting() && !self.aborted
     }
 
     /// True when no command is partly forwarded (a safe point to stop).
@@ -979,9 +1048,13 @@ mod tests {
         all: &mut ClientOutput,
     ) {
         collect(all, f.push(input));
-        while f.awaited_tag().is_some() && !all.abort {
-            f.backend_answered(continued);
-            assert!(!f.waiting());
+        loop {
+            if f.awaited_tag().is_some() && !all.abort {
+                f.backend_answered(continued && f.expects_continuation());
+                assert!(!f.waiting());
+            } else if all.abort || !f.holding() {
+                break;
+            }
             collect(all, f.push(&[]));
         }
     }
@@ -1008,7 +1081,7 @@ mod tests {
 
     impl Session {
         fn new() -> Self {
-            let (up, down) = pair();
+            let (up, down) = pair(DEFAULT_COMMAND_MAX);
             Self {
                 up,
                 down,
@@ -1025,9 +1098,17 @@ mod tests {
         fn backend(&mut self, bytes: &[u8]) {
             self.down.push(bytes, &mut self.to_client);
             if !self.up.waiting() {
-                let o = self.up.push(&[]);
-                self.take(o);
+                loop {
+                    let o = self.up.push(&[]);
+                    self.take(o);
+                    if !self.up.holding() {
+                        break;
+                    }
+                }
             }
+        }
+        fn lines_forwarded(&self) -> usize {
+            self.forwarded.iter().filter(|&&b| b == b'\n').count()
         }
         fn take(&mut self, o: ClientOutput) {
             self.forwarded.extend(o.forward);
@@ -1248,10 +1329,10 @@ mod tests {
         assert!(s.down.desync());
         assert_eq!(s.to_client, b"a OK done\r\n");
 
-        // Duplicate tags are matched one by one.
+        // A tag completes once.
         let mut s = Session::new();
-        s.client(b"a NOOP\r\na NOOP\r\n");
-        s.backend(b"a OK\r\na OK\r\n");
+        s.client(b"a NOOP\r\n");
+        s.backend(b"a OK\r\n");
         assert!(!s.down.desync());
         s.backend(b"a OK\r\n");
         assert!(s.down.desync());
@@ -1265,8 +1346,11 @@ mod tests {
         assert_eq!(s.forwarded, b"a IDLE\r\n");
         s.backend(b"+ idling\r\n");
         assert_eq!(s.to_client, b"+ idling\r\n");
+        // After DONE nothing until IDLE has completed.
+        assert_eq!(s.forwarded, b"a IDLE\r\nDONE\r\n");
+        s.backend(b"a OK done\r\n");
         assert_eq!(s.forwarded, b"a IDLE\r\nDONE\r\nb NOOP\r\n");
-        s.backend(b"a OK done\r\nb OK\r\n");
+        s.backend(b"b OK\r\n");
         assert!(!s.down.desync() && !s.abort);
 
         // Any case from the client; the backend gets the capitals it compares with.
@@ -1274,7 +1358,17 @@ mod tests {
         s.client(b"a IDLE\r\n");
         s.backend(b"+ idling\r\n");
         s.client(b"done\nb NOOP\r\n");
+        s.backend(b"a OK\r\n");
         assert_eq!(s.forwarded, b"a IDLE\r\nDONE\nb NOOP\r\n");
+
+        // A second + for the same IDLE: the backend is elsewhere.
+        let mut s = Session::new();
+        s.client(b"a IDLE\r\n");
+        s.backend(b"+ idling\r\n");
+        s.client(b"DONE\r\nb NOOP\r\n");
+        s.backend(b"+ again\r\n");
+        assert!(s.abort || s.down.desync());
+        assert_eq!(s.forwarded, b"a IDLE\r\nDONE\r\n");
 
         let mut s = Session::new();
         s.client(b"a IDLE\r\n");
@@ -1299,15 +1393,72 @@ mod tests {
             .collect();
         s.client(&many);
         assert!(s.up.waiting());
-        assert_eq!(
-            s.forwarded.iter().filter(|&&b| b == b'\n').count(),
-            MAX_OUTSTANDING
-        );
+        assert_eq!(s.lines_forwarded(), MAX_OUTSTANDING);
         s.backend(b"t0 OK\r\n");
+        assert_eq!(s.lines_forwarded(), MAX_OUTSTANDING + 1);
+    }
+
+    /// A tag may not be reused while its command runs: its answer could be taken for the
+    /// other's (the backend's `a OK` for a NOOP read as the refusal of an awaited literal).
+    #[test]
+    fn a_tag_in_use_is_refused_and_free_again_once_completed() {
+        let mut s = Session::new();
+        s.client(b"a NOOP\r\na APPEND INBOX {21}\r\nc APPEND INBOX {20}\r\n");
+        assert_eq!(s.forwarded, b"a NOOP\r\nc APPEND INBOX {20}\r\n");
         assert_eq!(
-            s.forwarded.iter().filter(|&&b| b == b'\n').count(),
-            MAX_OUTSTANDING + 1
+            s.replies,
+            vec![b"a BAD Tag already in use by a command in progress\r\n".to_vec()]
         );
+        // `a OK` completes the NOOP and says nothing about c's literal.
+        s.backend(b"a OK\r\n");
+        assert!(s.up.waiting());
+        s.client(b"x");
+        assert_eq!(s.forwarded, b"a NOOP\r\nc APPEND INBOX {20}\r\n");
+        let mut s = Session::new();
+        s.client(b"a NOOP\r\n");
+        s.backend(b"a OK\r\n");
+        s.client(b"a NOOP\r\n");
+        assert_eq!(s.forwarded, b"a NOOP\r\na NOOP\r\n");
+    }
+
+    /// A command larger than the backend accepts would be refused in the middle of a line;
+    /// it is refused before any of it is forwarded, or the session ends if part already was.
+    #[test]
+    fn commands_over_the_size_limit_never_reach_the_backend_whole() {
+        let (up, down) = pair(100_000);
+        let mut s = Session {
+            up,
+            down,
+            ..Session::new()
+        };
+        let mut input = b"a APPEND INBOX {95000+}\r\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 95_000));
+        input.extend_from_slice(b"\r\nb NOOP\r\n");
+        s.client(&input);
+        assert_eq!(s.forwarded, b"b NOOP\r\n");
+        assert_eq!(s.replies, vec![b"a BAD Command too large\r\n".to_vec()]);
+        s.backend(b"b OK\r\n");
+        s.client(b"c APPEND INBOX (\\Seen) {50000}\r\n");
+        s.backend(b"+ go\r\n");
+        s.client(&[b'y'; 50_000]);
+        s.client(b" {45000}\r\n");
+        assert!(s.abort, "a second literal past the limit was forwarded");
+        assert!(!s.forwarded.ends_with(b"{45000}\r\n"));
+    }
+
+    /// A flood of refused lines produces a few replies per push; the rest waits.
+    #[test]
+    fn refusals_are_produced_a_few_at_a_time() {
+        let mut f = CommandFramer::new();
+        let flood = b"x\r\n".repeat(10_000);
+        let o = f.push(&flood);
+        assert_eq!(o.replies.len(), REFUSALS_PER_PUSH);
+        assert!(f.holding());
+        let mut total = o.replies.len();
+        while f.holding() {
+            total += f.push(&[]).replies.len();
+        }
+        assert_eq!(total, 10_000);
     }
 
     #[test]
