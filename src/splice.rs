@@ -726,13 +726,12 @@ mod tests {
     use crate::zerocopy::tests::pair;
     use tokio::io::AsyncReadExt;
 
-    /// More local replies than the queue holds, asked while a backend response is half sent:
-    /// they wait for its end, arrive in order, and the client is read again once they drain.
-    #[tokio::test]
-    async fn local_replies_wait_for_the_response_boundary_in_order() {
-        let (mut client, client_leg) = pair().await;
-        let (backend_leg, mut backend) = pair().await;
-        let session = tokio::spawn(run(
+    /// An IMAP session spliced between two loopback legs, with the default limits.
+    fn imap_session(
+        client_leg: TcpStream,
+        backend_leg: TcpStream,
+    ) -> tokio::task::JoinHandle<SpliceStats> {
+        tokio::spawn(run(
             crate::proto::imap::framer::pair(crate::proto::imap::framer::DEFAULT_COMMAND_MAX),
             Conn::Plain(client_leg),
             Conn::Plain(backend_leg),
@@ -740,7 +739,16 @@ mod tests {
             Vec::new(),
             Duration::from_secs(30),
             CancellationToken::new(),
-        ));
+        ))
+    }
+
+    /// More local replies than the queue holds, asked while a backend response is half sent:
+    /// they wait for its end, arrive in order, and the client is read again once they drain.
+    #[tokio::test]
+    async fn local_replies_wait_for_the_response_boundary_in_order() {
+        let (mut client, client_leg) = pair().await;
+        let (backend_leg, mut backend) = pair().await;
+        let session = imap_session(client_leg, backend_leg);
         // The backend starts a response with a literal and stops in the middle of it.
         backend
             .write_all(b"* 1 FETCH (BODY[] {10}\r\n01234")
@@ -875,15 +883,7 @@ mod tests {
     async fn append_bodies_go_through_the_pipe_and_framing_survives_them() {
         let (mut client, client_leg) = pair().await;
         let (backend_leg, mut backend) = pair().await;
-        let session = tokio::spawn(run(
-            crate::proto::imap::framer::pair(crate::proto::imap::framer::DEFAULT_COMMAND_MAX),
-            Conn::Plain(client_leg),
-            Conn::Plain(backend_leg),
-            Vec::new(),
-            Vec::new(),
-            Duration::from_secs(30),
-            CancellationToken::new(),
-        ));
+        let session = imap_session(client_leg, backend_leg);
         // Command-like lines inside the body must pass as data.
         let body: Vec<u8> = (0..1_500_000u32)
             .flat_map(|i| format!("x{i} UNAUTHENTICATE\r\n").into_bytes())
@@ -969,15 +969,7 @@ mod tests {
         use tokio::io::AsyncBufReadExt;
         let (mut client, client_leg) = pair().await;
         let (backend_leg, backend) = pair().await;
-        let session = tokio::spawn(run(
-            crate::proto::imap::framer::pair(crate::proto::imap::framer::DEFAULT_COMMAND_MAX),
-            Conn::Plain(client_leg),
-            Conn::Plain(backend_leg),
-            Vec::new(),
-            Vec::new(),
-            Duration::from_secs(30),
-            CancellationToken::new(),
-        ));
+        let session = imap_session(client_leg, backend_leg);
         const N: usize = 600;
         let many: Vec<u8> = (0..N)
             .flat_map(|i| format!("t{i} NOOP\r\n").into_bytes())
@@ -1022,15 +1014,7 @@ mod tests {
     async fn held_refusals_are_all_answered() {
         let (mut client, client_leg) = pair().await;
         let (backend_leg, mut backend) = pair().await;
-        let session = tokio::spawn(run(
-            crate::proto::imap::framer::pair(crate::proto::imap::framer::DEFAULT_COMMAND_MAX),
-            Conn::Plain(client_leg),
-            Conn::Plain(backend_leg),
-            Vec::new(),
-            Vec::new(),
-            Duration::from_secs(30),
-            CancellationToken::new(),
-        ));
+        let session = imap_session(client_leg, backend_leg);
         const N: usize = 50;
         let bad: Vec<u8> = (0..N)
             .flat_map(|i| format!("t{i} XYZZY\r\n").into_bytes())
