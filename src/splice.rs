@@ -742,6 +742,21 @@ mod tests {
         ))
     }
 
+    /// Reads `n` answer lines within 10 s; failing, says how many came.
+    async fn read_answers(client: &mut TcpStream, n: usize) {
+        let mut lines = 0;
+        let done = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buf = [0u8; 4096];
+            while lines < n {
+                let got = client.read(&mut buf).await.unwrap();
+                assert!(got > 0);
+                lines += buf[..got].iter().filter(|&&b| b == b'\n').count();
+            }
+        })
+        .await;
+        assert!(done.is_ok(), "stalled after {lines} answers");
+    }
+
     /// More local replies than the queue holds, asked while a backend response is half sent:
     /// they wait for its end, arrive in order, and the client is read again once they drain.
     #[tokio::test]
@@ -988,21 +1003,7 @@ mod tests {
             }
             (lines, w)
         });
-        let mut answers = Vec::new();
-        let done = tokio::time::timeout(Duration::from_secs(10), async {
-            let mut buf = [0u8; 4096];
-            while answers.iter().filter(|&&b| b == b'\n').count() < N {
-                let n = client.read(&mut buf).await.unwrap();
-                assert!(n > 0);
-                answers.extend_from_slice(&buf[..n]);
-            }
-        })
-        .await;
-        assert!(
-            done.is_ok(),
-            "stalled after {} answers",
-            answers.iter().filter(|&&b| b == b'\n').count()
-        );
+        read_answers(&mut client, N).await;
         drop(client);
         drop(answering.await.unwrap());
         assert_eq!(session.await.unwrap().end, SpliceEnd::Closed);
@@ -1020,21 +1021,7 @@ mod tests {
             .flat_map(|i| format!("t{i} XYZZY\r\n").into_bytes())
             .collect();
         client.write_all(&bad).await.unwrap();
-        let mut answers = Vec::new();
-        let done = tokio::time::timeout(Duration::from_secs(10), async {
-            let mut buf = [0u8; 4096];
-            while answers.iter().filter(|&&b| b == b'\n').count() < N {
-                let n = client.read(&mut buf).await.unwrap();
-                assert!(n > 0);
-                answers.extend_from_slice(&buf[..n]);
-            }
-        })
-        .await;
-        assert!(
-            done.is_ok(),
-            "stalled after {} answers",
-            answers.iter().filter(|&&b| b == b'\n').count()
-        );
+        read_answers(&mut client, N).await;
         drop(client);
         let mut forwarded = Vec::new();
         backend.read_to_end(&mut forwarded).await.unwrap();
